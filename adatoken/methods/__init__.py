@@ -1,0 +1,95 @@
+"""Pruning methods, one file each, registered by name.
+
+A method answers two questions and nothing else: how many spatial tokens enter each layer
+(`schedule`, a `Schedule` of keep fractions), and which ones (`score`: higher keeps). The runtime
+does the slicing, caching and restoring, identically for every method.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from adatoken.schedule import Schedule
+
+METHODS: dict[str, type["Method"]] = {}
+
+
+def register(cls: type["Method"]) -> type["Method"]:
+    METHODS[cls.name] = cls
+    return cls
+
+
+@dataclass
+class RankContext:
+    """What a method may look at when ranking the tokens entering a pruning layer (all [B, L, ...])."""
+
+    layer_idx: int
+    hidden: torch.Tensor         # the layer's input hidden states
+    normed: torch.Tensor         # input_layernorm(hidden), as the layer's attention will see it
+    candidates: torch.Tensor     # bool: spatial tokens still alive (the ones that may be dropped)
+    valid: torch.Tensor          # bool: real tokens (not padding, not filler slots)
+    positions: torch.Tensor      # original positions (for causality and RoPE)
+    cos: torch.Tensor            # rotary tables at `positions`, [B, L, head_dim]
+    sin: torch.Tensor
+    query_slot: torch.Tensor     # [B] slot of the last instruction token
+    spatial_ordinal: torch.Tensor  # [B, L] index of each spatial token among its sample's spatial tokens
+    num_spatial: list[int]       # spatial tokens of each sample at the input
+    qk_weights: tuple            # (W_q, b_q, W_k, b_k) of this layer
+    num_heads: int
+    num_kv_heads: int
+    scaling: float
+
+
+class Method:
+    name: ClassVar[str]
+    Config: ClassVar[type]
+
+    def __init__(self, config):
+        self.config = config
+
+    def schedule(self, num_layers: int) -> Schedule:
+        raise NotImplementedError
+
+    def score(self, ctx: RankContext) -> torch.Tensor:
+        """[B, L] scores; only entries at ctx.candidates are read."""
+        raise NotImplementedError
+
+
+def method_names() -> list[str]:
+    return sorted(METHODS)
+
+
+def make_config(method: str, params: dict):
+    """Build and validate a method's config dataclass; ValueError lists what is valid."""
+    if method not in METHODS:
+        raise ValueError(f"unknown pruning method {method!r}; valid methods: {', '.join(method_names())}")
+    config_cls = METHODS[method].Config
+    fields = [f.name for f in dataclasses.fields(config_cls)]
+    unknown = sorted(set(params) - set(fields))
+    if unknown:
+        raise ValueError(
+            f"unknown parameter(s) {', '.join(map(repr, unknown))} for method {method!r}; "
+            f"valid parameters: {', '.join(fields) if fields else '(none)'}"
+        )
+    return config_cls(**params)
+
+
+def check_fraction(name: str, value: float | None, low_open: bool = True) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if not (0.0 < value <= 1.0 if low_open else 0.0 <= value <= 1.0):
+        raise ValueError(f"{name} must be in {'(0, 1]' if low_open else '[0, 1]'}, got {value}")
+
+
+def check_layer(name: str, layer: int, num_layers: int) -> None:
+    if not 1 <= layer < num_layers:
+        raise ValueError(f"{name} must be a layer index in [1, {num_layers - 1}] for a {num_layers}-layer model, got {layer}")
+
+
+# Importing the method files fills METHODS.
+from adatoken.methods import none, fastv, pdrop, adatoken3d, random  # noqa: E402,F401

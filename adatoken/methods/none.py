@@ -1,0 +1,17 @@
+"""`none`: the unpruned model, run through the same runtime (the reference for every comparison)."""
+from dataclasses import dataclass
+
+from adatoken.methods import Method, register
+from adatoken.schedule import Schedule
+
+
+@register
+class NoPruning(Method):
+    name = "none"
+
+    @dataclass
+    class Config:
+        pass
+
+    def schedule(self, num_layers: int) -> Schedule:
+        return Schedule([1.0] * num_layers, {"method": "none"})

@@ -1,0 +1,78 @@
+"""PyramidDrop (Xing et al., CVPR 2025): stages ending at fixed layers, each keeping λ of the previous
+stage's image tokens, ranked by the last instruction token's query against the image keys.
+
+Tokens entering layer i: λ^(number of stage-end layers ≤ i). Defaults: stage ends at 1/4, 1/2 and
+3/4 of the depth (8, 16, 24 on a 32-layer model, as the paper uses for LLaVA) and λ = 0.5. Given
+`retention` instead of `ratio`, λ is solved by bisection (the mean keep is increasing in λ).
+"""
+from dataclasses import dataclass
+
+from adatoken import scoring
+from adatoken.methods import Method, RankContext, check_fraction, check_layer, register
+from adatoken.schedule import Schedule
+
+
+@register
+class PyramidDrop(Method):
+    name = "pdrop"
+
+    @dataclass
+    class Config:
+        layers: tuple[int, ...] | None = None
+        ratio: float | None = None
+        retention: float | None = None
+
+        def __post_init__(self):
+            if self.ratio is not None and self.retention is not None:
+                raise ValueError("pdrop takes ratio or retention, not both")
+            if self.ratio is None and self.retention is None:
+                self.ratio = 0.5
+            check_fraction("ratio", self.ratio, low_open=False)
+            check_fraction("retention", self.retention)
+            if self.layers is not None:
+                layers = tuple(self.layers)
+                if not layers or any(isinstance(x, bool) or not isinstance(x, int) for x in layers) \
+                        or list(layers) != sorted(set(layers)):
+                    raise ValueError(f"pdrop layers must be strictly increasing integers, got {self.layers!r}")
+                self.layers = layers
+
+    def stage_layers(self, num_layers: int) -> tuple[int, ...]:
+        layers = self.config.layers or tuple(sorted({max(1, round(num_layers * f)) for f in (0.25, 0.5, 0.75)}))
+        for layer in layers:
+            check_layer("pdrop stage layer", layer, num_layers)
+        return layers
+
+    @staticmethod
+    def _keep(num_layers: int, layers: tuple[int, ...], ratio: float) -> list[float]:
+        return [ratio ** sum(1 for s in layers if s <= i) for i in range(num_layers)]
+
+    def schedule(self, num_layers: int) -> Schedule:
+        layers = self.stage_layers(num_layers)
+        ratio = self.config.ratio
+        if ratio is None:
+            target = self.config.retention
+            lowest = layers[0] / num_layers
+            if target < lowest:
+                raise ValueError(
+                    f"pdrop cannot reach retention {target} with stages ending at {list(layers)} in {num_layers} "
+                    f"layers: the lowest it reaches is {lowest:.4f}"
+                )
+            lo, hi = 0.0, 1.0
+            for _ in range(100):
+                mid = (lo + hi) / 2
+                lo, hi = (mid, hi) if sum(self._keep(num_layers, layers, mid)) / num_layers < target else (lo, mid)
+            ratio = (lo + hi) / 2
+        return Schedule(self._keep(num_layers, layers, ratio), {"method": "pdrop", "layers": list(layers), "ratio": ratio})
+
+    def score(self, ctx: RankContext):
+        return query_key_score(ctx)
+
+
+def query_key_score(ctx: RankContext):
+    """V_j = Q_t · K_jᵀ (summed over heads) of the last instruction token t against every token j."""
+    batch = ctx.normed.shape[0]
+    rows = ctx.query_slot
+    pick = lambda t: t[range(batch), rows]  # noqa: E731  [B, ...] at the query slot
+    w_q, b_q, w_k, b_k = ctx.qk_weights
+    return scoring.query_key_scores(pick(ctx.normed), ctx.normed, w_q, b_q, w_k, b_k,
+                                    pick(ctx.cos), pick(ctx.sin), ctx.cos, ctx.sin, ctx.num_heads, ctx.num_kv_heads)

@@ -1,0 +1,29 @@
+"""`random`: AdaToken-3D's schedule with a seeded random ranking — the control every comparison needs.
+
+If a ranking cannot beat this at equal retention, it is not ranking anything.
+"""
+from dataclasses import dataclass
+
+import torch
+
+from adatoken import scoring
+from adatoken.methods import RankContext, register
+from adatoken.methods.adatoken3d import AdaToken3D
+
+
+@register
+class RandomRanking(AdaToken3D):
+    name = "random"
+
+    @dataclass
+    class Config(AdaToken3D.Config):
+        seed: int = 0
+
+    def score(self, ctx: RankContext):
+        per_sample = scoring.random_scores(ctx.num_spatial, self.config.seed)
+        scores = torch.zeros(ctx.candidates.shape, dtype=torch.float32, device=ctx.candidates.device)
+        for b, values in enumerate(per_sample):
+            ordinal = ctx.spatial_ordinal[b].clamp(0, max(len(values) - 1, 0))
+            if len(values):
+                scores[b] = values.to(scores.device)[ordinal]
+        return scores

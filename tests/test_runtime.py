@@ -1,0 +1,281 @@
+"""The runtime's invariants: keep-all == unpruned, counts == schedule, cache == no cache,
+padded batch == samples alone, ranking == brute force from eager attention, unprune == never pruned."""
+import pytest
+import torch
+
+import adatoken
+from adatoken.runtime import get_state
+from conftest import FAMILIES, IMAGE_TOKEN, build_model, make_prompt, model_inputs
+
+KEEP_ALL = [("none", {}), ("fastv", {"drop_ratio": 0.0}), ("pdrop", {"ratio": 1.0}),
+            ("adatoken3d", {"retention": 1.0}), ("random", {"retention": 1.0})]
+PRUNING = [("fastv", {"layer": 2, "drop_ratio": 0.5}), ("pdrop", {"layers": (2, 3, 4), "ratio": 0.5}),
+           ("adatoken3d", {"retention": 0.5}), ("random", {"retention": 0.5, "seed": 3})]
+
+
+def spatial_count(family):
+    return 16 if family == "llava" else 40  # llava: the 4x4 patch grid of a 16px image
+
+
+def forward(model, family, ids, attention_mask=None, **extra):
+    kwargs = model_inputs(model, family, ids, attention_mask)
+    with torch.no_grad(), adatoken.spatial_tokens(model, ids == IMAGE_TOKEN):
+        return model(**kwargs, **extra)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_keep_all_equals_unpruned(family, attn):
+    model = build_model(family, attn)
+    ids, _ = make_prompt(spatial_count(family))
+    reference = forward(model, family, ids).logits
+    for method, params in KEEP_ALL:
+        adatoken.prune(model, method, **params)
+        torch.testing.assert_close(forward(model, family, ids).logits, reference, atol=1e-5, rtol=0)
+    adatoken.unprune(model)
+
+
+@pytest.mark.parametrize("method,params", PRUNING)
+def test_kept_counts_follow_schedule(method, params):
+    model = build_model("llama")
+    ids, _ = make_prompt(40)
+    adatoken.prune(model, method, **params)
+    out = forward(model, "llama", ids)
+    assert out.logits.shape == (1, ids.shape[1], model.config.vocab_size)
+    expected = get_state(model).schedule.counts(40)
+    stats = adatoken.last_stats(model)
+    assert [layer[0] for layer in stats.spatial_in] == expected
+    assert expected[-1] < 40
+    text = ids.shape[1] - 40
+    assert [layer[0] for layer in stats.tokens_in] == [text + n for n in expected]
+
+
+def _greedy_without_cache(model, family, ids, steps):
+    """Each step a full pruned forward of the whole prefix (recomputation, no cache)."""
+    kwargs = model_inputs(model, family, ids)
+    tokens = []
+    for _ in range(steps):
+        spatial = _spatial_for(kwargs, ids, tokens)
+        with torch.no_grad(), adatoken.spatial_tokens(model, spatial, query_index=ids.shape[1] - 1):
+            logits = model(**_extend(model, family, kwargs, tokens), use_cache=False).logits
+        tokens.append(int(logits[0, -1].argmax()))
+    return tokens
+
+
+def _spatial_for(kwargs, ids, tokens):
+    return torch.cat([ids == IMAGE_TOKEN, torch.zeros(1, len(tokens), dtype=torch.bool)], 1)
+
+
+def _extend(model, family, kwargs, tokens):
+    new = torch.tensor([tokens], dtype=torch.long).reshape(1, -1)
+    out = dict(kwargs)
+    out["attention_mask"] = torch.ones(1, kwargs["attention_mask"].shape[1] + len(tokens), dtype=torch.long)
+    if family == "llava":
+        out["input_ids"] = torch.cat([kwargs["input_ids"], new], 1)
+    else:
+        out["inputs_embeds"] = torch.cat([kwargs["inputs_embeds"], model.get_input_embeddings()(new)], 1)
+    return out
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("method,params", PRUNING)
+def test_generate_with_cache_equals_recomputation(method, params, attn):
+    family = "qwen2" if method in ("pdrop", "random") else "llama"  # both GQA and MHA are covered
+    model = build_model(family, attn)
+    adatoken.prune(model, method, **params)
+    ids, _ = make_prompt(40)
+    kwargs = model_inputs(model, family, ids)
+    with torch.no_grad(), adatoken.spatial_tokens(model, ids == IMAGE_TOKEN):
+        generated = model.generate(**kwargs, max_new_tokens=16, do_sample=False, min_new_tokens=16, pad_token_id=0)
+    cached = generated[0, -16:].tolist()
+    assert cached == _greedy_without_cache(model, family, ids, 16)
+
+
+def test_llava_generate_with_cache_equals_recomputation():
+    model = build_model("llava", "sdpa")
+    adatoken.prune(model, "adatoken3d", retention=0.5)
+    ids, _ = make_prompt(16)
+    kwargs = model_inputs(model, "llava", ids)
+    with torch.no_grad():
+        generated = model.generate(**kwargs, max_new_tokens=16, do_sample=False, min_new_tokens=16, pad_token_id=0)
+    assert generated[0, -16:].tolist() == _greedy_without_cache(model, "llava", ids, 16)
+
+
+def test_sampling_generate_runs_and_is_seeded():
+    model = build_model("llama", "sdpa")
+    adatoken.prune(model, "adatoken3d", retention=0.5)
+    ids, _ = make_prompt(40)
+    kwargs = model_inputs(model, "llama", ids)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        with torch.no_grad(), adatoken.spatial_tokens(model, ids == IMAGE_TOKEN):
+            runs.append(model.generate(**kwargs, max_new_tokens=8, do_sample=True, top_k=0, pad_token_id=0))
+    assert torch.equal(runs[0], runs[1])
+
+
+def _left_pad(prompts):
+    length = max(p.shape[1] for p in prompts)
+    ids = torch.zeros(len(prompts), length, dtype=torch.long)
+    mask = torch.zeros(len(prompts), length, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, length - p.shape[1]:] = p[0]
+        mask[i, length - p.shape[1]:] = 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("method,params", PRUNING)
+def test_padded_batch_equals_samples_alone(method, params, attn):
+    model = build_model("qwen2", attn)
+    adatoken.prune(model, method, **params)
+    prompts = [make_prompt(40, seed=1)[0], make_prompt(23, prompt=4, seed=2)[0]]
+    alone = [forward(model, "qwen2", p).logits[0, -1] for p in prompts]
+    alone_counts = []
+    for p in prompts:
+        forward(model, "qwen2", p)
+        alone_counts.append([layer[0] for layer in adatoken.last_stats(model).spatial_in])
+    ids, mask = _left_pad(prompts)
+    batched = _batched_forward(model, ids, mask, prompts)
+    for b in range(2):
+        torch.testing.assert_close(batched[b], alone[b], atol=1e-4, rtol=0)
+    stats = adatoken.last_stats(model)
+    assert [[layer[b] for layer in stats.spatial_in] for b in range(2)] == alone_counts
+
+
+def _batched_forward(model, ids, mask, prompts):
+    # embeddings per sample exactly as they were alone, placed at the same left-padded slots
+    rows = []
+    for p in prompts:
+        rows.append(model_inputs(model, "qwen2", p)["inputs_embeds"][0])
+    embeds = torch.zeros(ids.shape[0], ids.shape[1], rows[0].shape[-1])
+    for i, row in enumerate(rows):
+        embeds[i, ids.shape[1] - row.shape[0]:] = row
+    with torch.no_grad(), adatoken.spatial_tokens(model, ids == IMAGE_TOKEN):
+        return model(inputs_embeds=embeds, attention_mask=mask).logits[:, -1]
+
+
+def test_padded_batch_generate_equals_samples_alone():
+    model = build_model("llama", "sdpa")
+    adatoken.prune(model, "adatoken3d", retention=0.5)
+    prompts = [make_prompt(40, seed=1)[0], make_prompt(23, prompt=4, seed=2)[0]]
+    alone = []
+    for p in prompts:
+        kwargs = model_inputs(model, "llama", p)
+        with torch.no_grad(), adatoken.spatial_tokens(model, p == IMAGE_TOKEN):
+            alone.append(model.generate(**kwargs, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)[0].tolist())
+    ids, mask = _left_pad(prompts)
+    embeds = torch.zeros(2, ids.shape[1], model.config.hidden_size)
+    for i, p in enumerate(prompts):
+        embeds[i, ids.shape[1] - p.shape[1]:] = model_inputs(model, "llama", p)["inputs_embeds"][0]
+    with torch.no_grad(), adatoken.spatial_tokens(model, ids == IMAGE_TOKEN):
+        batched = model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=8, min_new_tokens=8,
+                                 do_sample=False, pad_token_id=0)
+    assert batched.tolist() == alone
+
+
+def test_pruned_forward_equals_manual_reference():
+    """FastV at layer K: layers K.. see only the kept tokens, at their original positions."""
+    model = build_model("llama", "eager")
+    ids, spatial = make_prompt(40)
+    embeds = model_inputs(model, "llama", ids)["inputs_embeds"]
+    adatoken.prune(model, "fastv", layer=3, drop_ratio=0.5)
+    with torch.no_grad(), adatoken.spatial_tokens(model, spatial):
+        pruned = model(inputs_embeds=embeds).logits[0, -1]
+    kept = get_state(model).prefill.key_index[3][0]
+    adatoken.unprune(model)
+    with torch.no_grad():
+        hidden = model(inputs_embeds=embeds, output_hidden_states=True).hidden_states[3][:, kept]
+        positions = kept[None]
+        cos_sin = model.model.rotary_emb(hidden, positions)
+        causal = torch.full((len(kept), len(kept)), torch.finfo(torch.float32).min).triu(1)[None, None]
+        for layer in model.model.layers[3:]:
+            hidden = layer(hidden, attention_mask=causal, position_embeddings=cos_sin, position_ids=positions)
+        reference = model.lm_head(model.model.norm(hidden))[0, -1]
+    assert len(kept) == ids.shape[1] - 20
+    torch.testing.assert_close(pruned, reference, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_ranking_matches_brute_force_from_attention_weights(family):
+    """adatoken3d/pdrop keep the spatial tokens with the largest Σ_heads q_t·k_j, which equals
+    Σ_heads log softmax weight + const: the brute-force reference from eager attention weights."""
+    model = build_model(family, "eager")
+    ids, spatial = make_prompt(40)
+    embeds = model_inputs(model, family, ids)["inputs_embeds"]
+    layer = 2
+    with torch.no_grad():
+        weights = model(inputs_embeds=embeds, output_attentions=True).attentions[layer][0]  # [H, S, S]
+    logit_sum = weights[:, -1].clamp_min(1e-30).log().sum(0)
+    candidates = spatial[0].nonzero().squeeze(1)
+    expected = set(candidates[logit_sum[candidates].topk(10).indices].tolist())
+    adatoken.prune(model, "pdrop", layers=(layer,), ratio=0.25)
+    with torch.no_grad(), adatoken.spatial_tokens(model, spatial):
+        model(inputs_embeds=embeds)
+    kept = get_state(model).prefill.key_index[layer][0].tolist()
+    assert set(kept) & set(candidates.tolist()) == expected
+
+
+def test_fastv_ranking_matches_brute_force_from_attention_weights():
+    model = build_model("qwen2", "eager")
+    ids, spatial = make_prompt(40)
+    embeds = model_inputs(model, "qwen2", ids)["inputs_embeds"]
+    with torch.no_grad():
+        weights = model(inputs_embeds=embeds, output_attentions=True).attentions[2][0]
+    received = weights.mean(0).mean(0)  # mean over heads, then over query rows
+    candidates = spatial[0].nonzero().squeeze(1)
+    expected = set(candidates[received[candidates].topk(20).indices].tolist())
+    adatoken.prune(model, "fastv", layer=2, drop_ratio=0.5)
+    with torch.no_grad(), adatoken.spatial_tokens(model, spatial):
+        model(inputs_embeds=embeds)
+    kept = get_state(model).prefill.key_index[2][0].tolist()
+    assert set(kept) & set(candidates.tolist()) == expected
+
+
+def test_unprune_is_bit_identical_and_prune_replaces():
+    model = build_model("llama", "sdpa")
+    ids, _ = make_prompt(40)
+    reference = forward(model, "llama", ids).logits
+    hooks_before = _hook_count(model)
+    adatoken.prune(model, "fastv")
+    adatoken.prune(model, "adatoken3d", retention=0.5)  # replaces, never stacks
+    assert get_state(model).config.method == "adatoken3d"
+    assert _hook_count(model) == hooks_before + 2 * model.config.num_hidden_layers + 2
+    forward(model, "llama", ids)
+    adatoken.unprune(model)
+    assert _hook_count(model) == hooks_before
+    assert not hasattr(model, "_adatoken_state")
+    assert torch.equal(forward(model, "llama", ids).logits, reference)
+
+
+def _hook_count(model):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_hidden_states_and_loss_keep_unpruned_shapes_and_backward_works():
+    model = build_model("llama", "eager").train()
+    ids, spatial = make_prompt(40)
+    embeds = model_inputs(model, "llama", ids)["inputs_embeds"]
+    adatoken.prune(model, "pdrop", layers=(2, 4), ratio=0.5)
+    labels = ids.clone()
+    with adatoken.spatial_tokens(model, spatial):
+        out = model(inputs_embeds=embeds, labels=labels, output_hidden_states=True)
+    assert out.logits.shape == (1, ids.shape[1], model.config.vocab_size)
+    assert all(h.shape == (1, ids.shape[1], model.config.hidden_size) for h in out.hidden_states)
+    out.loss.backward()
+    grads = [p.grad for p in model.model.layers.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    # dropped tokens keep the hidden state they had when dropped
+    kept = set(get_state(model).prefill.key_index[2][0].tolist())
+    dropped = [i for i in range(ids.shape[1]) if i not in kept]
+    torch.testing.assert_close(out.hidden_states[3][0, dropped], out.hidden_states[2][0, dropped])
+
+
+def test_input_without_spatial_tokens_runs_unpruned():
+    model = build_model("llama", "sdpa")
+    ids = torch.randint(1, 90, (1, 20))
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits
+        adatoken.prune(model, "adatoken3d", retention=0.5)
+        out = model(input_ids=ids).logits
+    assert torch.equal(out, reference)
+    assert all(layer == [0] for layer in adatoken.last_stats(model).spatial_in)
