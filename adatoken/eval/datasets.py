@@ -1,0 +1,315 @@
+"""Loaders for 3D question-answering evaluation sets, all returning `QARecord`s.
+
+Formats read: ScanQA's ScanQA_v1.0_{split}.json, SQA3D's balanced questions + annotations files,
+LLaVA-3D's evaluation question/answer files, and a plain JSONL. Nothing is ever downloaded: every
+loader reads the files it is given, and a missing file, field or malformed record raises an error
+that names the file, the record and what was expected.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NoReturn
+
+from adatoken.eval.metrics import SQA3D_TYPES, sqa3d_question_type
+
+SQA3D_SPLITS = ("train", "val", "test")
+
+
+class DatasetFormatError(ValueError):
+    """A dataset file exists but does not hold what its loader expects."""
+
+
+@dataclass
+class QARecord:
+    """One evaluation question. question_id is always a string (SQA3D's integer ids included)."""
+
+    question_id: str
+    scene_id: str | None
+    question: str
+    answers: list[str]
+    qtype: str | None = None
+    situation: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+# --- reading files -------------------------------------------------------------------------
+def _require_file(path: Path, what: str) -> None:
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+
+
+def _read_json(path: Path, what: str):
+    _require_file(path, what)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DatasetFormatError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, "
+                                 f"column {exc.colno}); expected {what}") from None
+
+
+def _read_jsonl(path: Path, what: str) -> list[tuple[str, object]]:
+    """(location, parsed line) for every non-blank line; locations read 'line N'."""
+    _require_file(path, what)
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((f"line {number}", json.loads(line)))
+        except json.JSONDecodeError as exc:
+            raise DatasetFormatError(f"{path}: line {number} is not valid JSON ({exc.msg} at "
+                                     f"column {exc.colno}); expected one JSON object per line") from None
+    return rows
+
+
+def _read_records(path: Path, what: str, container_key: str | None = None) -> list[tuple[str, object]]:
+    """(location, record) pairs from a JSON list, or from data[container_key] when given."""
+    data = _read_json(path, what)
+    if container_key is not None:
+        if not isinstance(data, dict) or container_key not in data:
+            raise DatasetFormatError(f"{path}: expected a JSON object with a {container_key!r} list")
+        data = data[container_key]
+    if not isinstance(data, list):
+        raise DatasetFormatError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+    return [(f"record {i}", record) for i, record in enumerate(data)]
+
+
+def _read_json_or_jsonl(path: Path, what: str) -> list[tuple[str, object]]:
+    # LLaVA-3D's files come both ways, whatever their suffix: a JSON list, or one object per line.
+    _require_file(path, what)
+    if path.read_text(encoding="utf-8").lstrip().startswith("["):
+        return _read_records(path, what)
+    return _read_jsonl(path, what)
+
+
+# --- reading fields ------------------------------------------------------------------------
+class _Record:
+    """A record being read: each accessor checks one field and names file and record if it fails."""
+
+    def __init__(self, path: Path, location: str, data: object):
+        self.path, self.location, self.data = path, location, data
+        if not isinstance(data, dict):
+            self.fail(f"expected a JSON object, got {type(data).__name__}")
+        qid = data.get("question_id")
+        if isinstance(qid, (str, int)) and not isinstance(qid, bool):
+            self.location = f"{location} (question_id {qid!r})"
+
+    def fail(self, what: str) -> NoReturn:
+        raise DatasetFormatError(f"{self.path}: {self.location}: {what}")
+
+    def has(self, key: str) -> bool:
+        return self.data.get(key) is not None
+
+    def get(self, key: str):
+        if key not in self.data:
+            self.fail(f"missing field {key!r} (fields present: {', '.join(sorted(self.data)) or 'none'})")
+        return self.data[key]
+
+    def text(self, key: str) -> str:
+        value = self.get(key)
+        if not isinstance(value, str):
+            self.fail(f"field {key!r} is {value!r}, expected a string")
+        return value
+
+    def optional_text(self, key: str) -> str | None:
+        return self.text(key) if self.has(key) else None
+
+    def question_id(self, key: str = "question_id") -> str:
+        value = self.get(key)
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
+            self.fail(f"field {key!r} is {value!r}, expected a string or an integer")
+        return str(value)
+
+    def answers(self, key: str = "answers") -> list[str]:
+        value = self.get(key)
+        if not isinstance(value, list) or not value or not all(isinstance(a, str) for a in value):
+            self.fail(f"field {key!r} is {value!r}, expected a non-empty list of strings")
+        return list(value)
+
+    def rest(self, *consumed: str) -> dict:
+        return {k: v for k, v in self.data.items() if k not in consumed}
+
+
+def _check_unique(records: list[QARecord], path: Path) -> list[QARecord]:
+    seen = set()
+    for i, record in enumerate(records):
+        if record.question_id in seen:
+            raise DatasetFormatError(f"{path}: record {i}: question_id {record.question_id!r} "
+                                     "appears more than once; ids must be unique")
+        seen.add(record.question_id)
+    return records
+
+
+# --- loaders -------------------------------------------------------------------------------
+def load_scanqa(path: str | Path) -> list[QARecord]:
+    """ScanQA_v1.0_{train,val}.json: a list of {question_id, scene_id, question, answers,
+    object_ids, object_names}. The test files carry no answers and cannot be scored."""
+    path = Path(path)
+    records = []
+    for location, data in _read_records(path, "ScanQA file (e.g. ScanQA_v1.0_val.json)"):
+        r = _Record(path, location, data)
+        records.append(QARecord(
+            question_id=r.question_id(), scene_id=r.text("scene_id"), question=r.text("question"),
+            answers=r.answers(), extra=r.rest("question_id", "scene_id", "question", "answers"),
+        ))
+    return _check_unique(records, path)
+
+
+def load_sqa3d(path: str | Path, split: str = "test") -> list[QARecord]:
+    """SQA3D from the directory holding v1_balanced_questions_{split}_scannetv2.json and
+    v1_balanced_sqa_annotations_{split}_scannetv2.json, joined by question_id.
+
+    Records follow the annotations file's order; qtype is typed from the question text
+    (`sqa3d_question_type`) because the files' own question_type field is "N/A".
+    """
+    if split not in SQA3D_SPLITS:
+        raise ValueError(f"unknown SQA3D split {split!r}; valid: {', '.join(SQA3D_SPLITS)}")
+    directory = Path(path)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"SQA3D directory not found: {directory} (expected the folder "
+                                "holding the v1_balanced_* files, e.g. sqa_task/balanced)")
+    questions_path = directory / f"v1_balanced_questions_{split}_scannetv2.json"
+    annotations_path = directory / f"v1_balanced_sqa_annotations_{split}_scannetv2.json"
+
+    questions: dict[str, _Record] = {}
+    for location, data in _read_records(questions_path, "SQA3D questions file", "questions"):
+        q = _Record(questions_path, location, data)
+        qid = q.question_id()
+        if qid in questions:
+            q.fail("question_id appears more than once; ids must be unique")
+        questions[qid] = q
+
+    records, annotated = [], set()
+    for location, data in _read_records(annotations_path, "SQA3D annotations file", "annotations"):
+        a = _Record(annotations_path, location, data)
+        qid = a.question_id()
+        if qid in annotated:
+            a.fail("question_id appears more than once; ids must be unique")
+        annotated.add(qid)
+        q = questions.get(qid)
+        if q is None:
+            a.fail(f"no question with this id in {questions_path.name}")
+        scene_id = a.text("scene_id")
+        if q.text("scene_id") != scene_id:
+            a.fail(f"scene_id {scene_id!r} differs from {q.text('scene_id')!r} in {questions_path.name}")
+        answer_list = a.get("answers")
+        if not isinstance(answer_list, list) or not answer_list:
+            a.fail(f"field 'answers' is {answer_list!r}, expected a non-empty list of {{answer, answer_id}}")
+        answers = []
+        for answer in answer_list:
+            if not isinstance(answer, dict) or not isinstance(answer.get("answer"), str):
+                a.fail(f"answer {answer!r} is not an object with a string 'answer'")
+            answers.append(answer["answer"])
+        question = q.text("question")
+        records.append(QARecord(
+            question_id=qid, scene_id=scene_id, question=question, answers=answers,
+            qtype=sqa3d_question_type(question), situation=q.text("situation"),
+            extra={**q.rest("question_id", "scene_id", "question", "situation"),
+                   **a.rest("question_id", "scene_id", "answers")},
+        ))
+    unanswered = [qid for qid in questions if qid not in annotated]
+    if unanswered:
+        raise DatasetFormatError(f"{questions_path}: {len(unanswered)} questions have no annotation in "
+                                 f"{annotations_path.name} (first: {unanswered[0]!r})")
+    return records
+
+
+def load_llava3d(path: str | Path, answers: str | Path | None = None) -> list[QARecord]:
+    """LLaVA-3D's evaluation files: questions (e.g. llava-3d-scanqa_val_question.json) and answers
+    (e.g. llava3d_scanqa_val_answer.json), each a JSON list or JSONL, joined by question_id.
+
+    A question is {question_id, text, video | scene_id}; `text` is the prompt as the model saw it
+    (for SQA3D: situation + question). An answer is {question_id, text: str | [str], type?} where
+    type 0..5 indexes SQA3D_TYPES. Without an answers file each question must carry `answers`.
+    Answers for questions not in the question file are ignored, so a question subset can be scored.
+    """
+    path = Path(path)
+    by_id: dict[str, _Record] = {}
+    if answers is not None:
+        answers_path = Path(answers)
+        for location, data in _read_json_or_jsonl(answers_path, "LLaVA-3D answers file"):
+            a = _Record(answers_path, location, data)
+            by_id[a.question_id()] = a
+
+    records = []
+    for location, data in _read_json_or_jsonl(path, "LLaVA-3D questions file"):
+        q = _Record(path, location, data)
+        qid = q.question_id()
+        if answers is None:
+            if not q.has("answers"):
+                q.fail("no 'answers' field and no answers file given; pass answers=PATH "
+                       "(e.g. llava3d_scanqa_val_answer.json)")
+            source, answer_list = q, q.answers()
+        else:
+            source = by_id.get(qid)
+            if source is None:
+                q.fail(f"no answer with this id in {answers_path.name}")
+            answer_list = _llava3d_answers(source)
+        # The type sits in the answers file in LLaVA-3D's release, in the questions in some copies.
+        typed = source if source.has("type") else q
+        records.append(QARecord(
+            question_id=qid, scene_id=_llava3d_scene_id(q), question=q.text("text"), answers=answer_list,
+            qtype=_llava3d_type(typed) if typed.has("type") else None,
+            extra=q.rest("question_id", "text", "answers", "type", "scene_id"),
+        ))
+    return _check_unique(records, path)
+
+
+def _llava3d_answers(a: _Record) -> list[str]:
+    # ScanQA answer files hold a list of answers, SQA3D's a single string.
+    if isinstance(a.get("text"), str):
+        return [a.text("text")]
+    return a.answers("text")
+
+
+def _llava3d_scene_id(q: _Record) -> str:
+    if q.has("scene_id"):
+        return q.text("scene_id")
+    if q.has("video"):  # "scannet/scene0011_00" (sometimes with a file suffix)
+        return Path(q.text("video")).stem
+    q.fail("missing both 'scene_id' and 'video'; expected one of them to name the scene")
+
+
+def _llava3d_type(r: _Record) -> str:
+    value = r.get("type")
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < len(SQA3D_TYPES):
+        r.fail(f"field 'type' is {value!r}, expected an integer 0..5 "
+               f"({', '.join(f'{i}={t}' for i, t in enumerate(SQA3D_TYPES))})")
+    return SQA3D_TYPES[value]
+
+
+def load_jsonl(path: str | Path) -> list[QARecord]:
+    """adatoken's plain format: one {question_id, question, answers, scene_id?, qtype?, situation?}
+    per line; any other keys go to `extra`."""
+    path = Path(path)
+    records = []
+    for location, data in _read_jsonl(path, "JSONL question file"):
+        r = _Record(path, location, data)
+        records.append(QARecord(
+            question_id=r.question_id(), scene_id=r.optional_text("scene_id"), question=r.text("question"),
+            answers=r.answers(), qtype=r.optional_text("qtype"), situation=r.optional_text("situation"),
+            extra=r.rest("question_id", "scene_id", "question", "answers", "qtype", "situation"),
+        ))
+    return _check_unique(records, path)
+
+
+# name -> loader(path, **options). The project's own testbed loader is registered here as
+# "testbed" once it exists.
+LOADERS: dict[str, Callable[..., list[QARecord]]] = {
+    "scanqa": load_scanqa,
+    "sqa3d": load_sqa3d,
+    "llava3d": load_llava3d,
+    "jsonl": load_jsonl,
+}
+
+
+def load_dataset(name: str, path: str | Path, **options) -> list[QARecord]:
+    """Load an evaluation set by format name, e.g. load_dataset("sqa3d", "sqa_task/balanced", split="test")."""
+    if name not in LOADERS:
+        raise ValueError(f"unknown dataset format {name!r}; valid: {', '.join(LOADERS)}")
+    return LOADERS[name](path, **options)
