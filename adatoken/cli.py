@@ -8,7 +8,7 @@ import sys
 # Modules that add subcommands; each exposes register(subparsers). Kept as names so `adatoken --help`
 # stays fast and a broken optional feature cannot take the whole CLI down silently (it raises).
 COMMAND_MODULES = [
-    "adatoken.testbed.cli",
+    "adatoken.demo",
 ]
 
 

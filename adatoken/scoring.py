@@ -49,18 +49,18 @@ def query_key_scores(query_hidden: torch.Tensor, key_hidden: torch.Tensor,
     q = apply_rope(q.view(batch, num_heads, head_dim), cos_q.to(f32)[:, None], sin_q.to(f32)[:, None])
     u = q.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim).sum(dim=2)  # [B, kv, hd]
 
-    wk = w_k.to(f32).view(num_kv_heads, head_dim, hidden)
-    u_lo, u_hi = u[..., :half], u[..., half:]
-    # Rows of the folded matrix: P (the cos term) and Q (the sin term) of every rotary pair.
-    fold_cos = torch.einsum("bki,kid->bid", u_lo, wk[:, :half]) + torch.einsum("bki,kid->bid", u_hi, wk[:, half:])
-    fold_sin = torch.einsum("bki,kid->bid", u_hi, wk[:, :half]) - torch.einsum("bki,kid->bid", u_lo, wk[:, half:])
-    folded = torch.cat((fold_cos, fold_sin), dim=1)                      # [B, hd, D]
+    # One batched matmul over the h rotary pairs: pair i's row of the cos term is
+    # [u_lo[:, i], u_hi[:, i]] · [W_lo[:, i]; W_hi[:, i]], of the sin term [u_hi[:, i], −u_lo[:, i]] · same.
+    u_lo, u_hi = u[..., :half].permute(2, 0, 1), u[..., half:].permute(2, 0, 1)      # [h, B, kv]
+    rows = torch.cat((torch.cat((u_lo, u_hi), -1), torch.cat((u_hi, -u_lo), -1)), 1)  # [h, 2B, 2kv]
+    w_pairs = w_k.view(num_kv_heads, 2, half, hidden).permute(2, 1, 0, 3).reshape(half, 2 * num_kv_heads, hidden)
+    folded = torch.bmm(rows, w_pairs.to(f32))                                         # [h, 2B, D]
+    folded = torch.cat((folded[:, :batch], folded[:, batch:]), 0).transpose(0, 1)     # [B, hd, D]
     proj = torch.bmm(key_hidden.to(f32), folded.transpose(1, 2))         # [B, N, hd]
-    if b_k is not None:
-        bk = b_k.to(f32).view(num_kv_heads, head_dim)
-        bias_cos = (u_lo * bk[:, :half]).sum(1) + (u_hi * bk[:, half:]).sum(1)
-        bias_sin = (u_hi * bk[:, :half]).sum(1) - (u_lo * bk[:, half:]).sum(1)
-        proj = proj + torch.cat((bias_cos, bias_sin), dim=-1)[:, None, :]
+    if b_k is not None:  # the bias is a constant input: the same fold, applied to it
+        bias_pairs = b_k.to(f32).view(num_kv_heads, 2, half).permute(2, 1, 0).reshape(half, 2 * num_kv_heads, 1)
+        bias = torch.bmm(rows, bias_pairs)[..., 0]                                    # [h, 2B]
+        proj = proj + torch.cat((bias[:, :batch], bias[:, batch:]), 0).T[:, None, :]
     cos_k, sin_k = cos_k.to(f32)[..., :half], sin_k.to(f32)[..., :half]
     return (proj[..., :half] * cos_k).sum(-1) + (proj[..., half:] * sin_k).sum(-1)
 
