@@ -3,8 +3,8 @@
 Three rankings:
 - `query_key_scores`: V_j = Q_t · K_jᵀ summed over heads, the paper's (and PyramidDrop's) ranking of
   token j by the last instruction token t, with RoPE at the original positions, in fp32.
-- `attention_received`: FastV's ranking, the softmax attention token j receives, averaged over heads
-  and query rows, computed in chunks of query rows so memory stays O(chunk × tokens).
+- `last_token_attention`: FastV's ranking as its released code computes it, the softmax attention of
+  the last instruction token over token j, averaged over heads.
 - `random_scores`: a seeded per-sample permutation, the control.
 """
 from __future__ import annotations
@@ -65,28 +65,16 @@ def query_key_scores(query_hidden: torch.Tensor, key_hidden: torch.Tensor,
     return (proj[..., :half] * cos_k).sum(-1) + (proj[..., half:] * sin_k).sum(-1)
 
 
-def attention_received(q: torch.Tensor, k: torch.Tensor, key_valid: torch.Tensor, query_rows: torch.Tensor,
-                       positions: torch.Tensor, scaling: float, chunk: int = 512) -> torch.Tensor:
-    """Mean softmax attention each key receives, over heads and the `query_rows` (FastV's ranking).
+def last_token_attention(query: torch.Tensor, keys: torch.Tensor, key_ok: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Softmax attention of one query token over all keys, averaged over heads (FastV's ranking).
 
-    q [B, H, L, hd] and k [B, Hkv, L, hd] are rotated; key_valid [B, L] marks real tokens, query_rows
-    [B, L] the rows averaged over; positions [B, L] are original positions (causality follows them).
-    Rows are processed `chunk` at a time and reduced at once, so memory is O(B·H·chunk·L). [B, L] fp32.
+    query [B, H, hd] and keys [B, Hkv, L, hd] are rotated; key_ok [B, L] marks the keys the query may
+    attend (real tokens at or before it). Returns [B, L] fp32.
     """
-    batch, heads, length, _ = q.shape
-    groups = heads // k.shape[1]
-    k = k.to(torch.float32).repeat_interleave(groups, dim=1)
-    received = torch.zeros(batch, length, dtype=torch.float32, device=q.device)
-    key_ok = key_valid[:, None, None, :]
-    for start in range(0, length, chunk):
-        rows = slice(start, min(start + chunk, length))
-        logits = torch.matmul(q[:, :, rows].to(torch.float32), k.transpose(-1, -2)) * scaling
-        allowed = key_ok & (positions[:, None, None, :] <= positions[:, None, rows, None])
-        weights = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
-        # masked_fill, not a product: rows with no allowed key (padding) are NaN after the softmax
-        received += weights.masked_fill(~query_rows[:, None, rows, None], 0.0).sum(dim=(1, 2))
-    rows_per_sample = query_rows.sum(-1, keepdim=True).clamp(min=1).to(torch.float32)
-    return received / (heads * rows_per_sample)
+    groups = query.shape[1] // keys.shape[1]
+    logits = torch.einsum("bhd,bhld->bhl", query.float(), keys.float().repeat_interleave(groups, dim=1)) * scaling
+    weights = torch.softmax(logits.masked_fill(~key_ok[:, None, :], float("-inf")), dim=-1)
+    return weights.mean(dim=1)
 
 
 def random_scores(num_candidates: list[int], seed: int) -> list[torch.Tensor]:
