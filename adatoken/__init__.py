@@ -8,7 +8,7 @@
 from adatoken.config import PruneConfig
 from adatoken.methods import method_names
 from adatoken.runtime import last_stats, prune, spatial_tokens, unprune
-from adatoken.schedule import Schedule
+from adatoken.schedule import Schedule, fit_schedule
 
 __version__ = "0.1.0"
-__all__ = ["PruneConfig", "Schedule", "last_stats", "method_names", "prune", "spatial_tokens", "unprune"]
+__all__ = ["PruneConfig", "Schedule", "fit_schedule", "last_stats", "method_names", "prune", "spatial_tokens", "unprune"]

@@ -73,6 +73,7 @@ class Pass:
 
     layout: TokenLayout
     counts: list[list[int]]        # spatial tokens entering each layer, per sample
+    real_tokens: list[int]         # non-padding tokens per sample at the input
     spatial_ordinal: torch.Tensor  # [B, S] index among the sample's spatial tokens
     index: torch.Tensor | None = None    # [B, L] original position per slot; None = identity
     slot_ok: torch.Tensor | None = None  # [B, L] False at filler slots
@@ -176,11 +177,10 @@ class PruneState:
         num_spatial = layout.num_spatial
         counts = [list(c) for c in zip(*(self.schedule.counts(n) for n in num_spatial))]
         ordinal = (layout.spatial.cumsum(1) - 1).clamp(min=0)
-        self.current = Pass(layout, counts, ordinal, alive=layout.spatial, slots=[length] * batch)
+        self.current = Pass(layout, counts, layout.real.sum(1).tolist(), ordinal, alive=layout.spatial,
+                            slots=[length] * batch)
         self.prefill = Prefill(length, [None] * self.adapter.num_layers, [None] * self.adapter.num_layers)
-        real = layout.real.sum(1).tolist()
         self.stats = PruneStats([[0] * batch for _ in counts], [[0] * batch for _ in counts], self.adapter.text_config)
-        self._real_tokens = real
 
     def _spatial_mask(self, batch: int, length: int, device) -> torch.Tensor:
         if self.explicit_spatial is not None:
@@ -213,7 +213,7 @@ class PruneState:
         self.prefill.key_index[idx] = run.index
         self.prefill.key_ok[idx] = run.slot_ok
         self.stats.spatial_in[idx] = list(target)
-        self.stats.tokens_in[idx] = [r - (n - t) for r, n, t in zip(self._real_tokens, run.counts[0], target)]
+        self.stats.tokens_in[idx] = [r - (n - t) for r, n, t in zip(run.real_tokens, run.counts[0], target)]
         if run.index is None:
             return None
         kwargs = self._sliced(run, kwargs)
