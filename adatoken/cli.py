@@ -9,6 +9,8 @@ import sys
 # stays fast and a broken optional feature cannot take the whole CLI down silently (it raises).
 COMMAND_MODULES = [
     "adatoken.demo",
+    "adatoken.bench",
+    "adatoken.eval.cli",
 ]
 
 

@@ -92,9 +92,9 @@ def test_jsonl():
 
 
 def test_load_dataset_by_name():
-    assert set(LOADERS) == {"scanqa", "sqa3d", "llava3d", "jsonl"}
+    assert set(LOADERS) == {"scanqa", "sqa3d", "llava3d", "jsonl", "testbed"}
     assert len(load_dataset("sqa3d", FIXTURES / "sqa3d", split="test")) == 3
-    with pytest.raises(ValueError, match="valid: scanqa, sqa3d, llava3d, jsonl"):
+    with pytest.raises(ValueError, match="valid: scanqa, sqa3d, llava3d, jsonl, testbed"):
         load_dataset("scanrefer", FIXTURES)
 
 

@@ -1,0 +1,163 @@
+"""`adatoken eval`: every pruning method at every retention on one model and dataset, resumable and sharded.
+
+    adatoken eval --limit 300 --out runs/eval          # testbed model, testbed test split, the paper's sweep
+    torchrun --nproc_per_node 2 -m adatoken.cli eval --limit 300 --out runs/eval   # the same in 2 processes
+
+OUT/predictions/rank*.jsonl grows as answers are made (one line per config and question); run the
+same command again to resume after an interruption. At the end OUT holds metrics.json,
+report.md, report.json and accuracy_vs_flops.png.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from adatoken import adapters
+from adatoken.eval.datasets import LOADERS, QARecord, load_dataset
+from adatoken.eval.report import summarize, write_report
+from adatoken.eval.runner import evaluate, load_schedules, select_subset, sweep_configs
+
+DEFAULT_METHODS = ["none", "fastv", "pdrop", "random", "adatoken3d"]
+DEFAULT_RETENTIONS = [0.1, 0.2, 0.4]
+
+
+class TestbedAnswerer:
+    """The embedded testbed model (adatoken.testbed) as an `Answerer` of testbed QARecords."""
+
+    def __init__(self, model):
+        self.model = model
+        self.llm = model.llm
+
+    def answer(self, records: Sequence[QARecord], max_new_tokens: int) -> list[str]:
+        from adatoken.testbed.data import QASample
+
+        missing = [r.question_id for r in records if "scene_seed" not in r.extra]
+        if missing:
+            raise ValueError(f"the testbed model answers only testbed questions (--dataset testbed); "
+                             f"question {missing[0]!r} has no scene_seed")
+        samples = [QASample(r.question_id, r.scene_id, r.extra["scene_seed"], r.question, tuple(r.answers), r.qtype)
+                   for r in records]
+        return self.model.answer(samples, max_new_tokens=max_new_tokens, batch_size=len(samples))
+
+
+def load_testbed_answerer(checkpoint: str | None, device: torch.device) -> tuple[TestbedAnswerer, Path]:
+    from adatoken.testbed.model import SHIPPED_CHECKPOINT, load
+
+    path = Path(checkpoint).resolve() if checkpoint else SHIPPED_CHECKPOINT
+    return TestbedAnswerer(load(path).to(device)), path
+
+
+# model name -> loader(checkpoint or None, device) -> (answerer, checkpoint folder)
+MODELS = {"testbed": load_testbed_answerer}
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("eval", help="accuracy and FLOPs of every pruning method at every retention",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    what = parser.add_argument_group("model and questions")
+    what.add_argument("--model", choices=sorted(MODELS), default="testbed", help="model to evaluate (default: testbed)")
+    what.add_argument("--checkpoint", help="model checkpoint folder (default: the testbed's, shipped in the package)")
+    what.add_argument("--dataset", choices=list(LOADERS), default="testbed",
+                      help="question set format (default: testbed)")
+    what.add_argument("--data", help="dataset file or folder (default for testbed: the model's checkpoint settings)")
+    what.add_argument("--answers", help="llava3d only: the answers file")
+    what.add_argument("--split", default="test", help="split, for testbed and sqa3d (default: test)")
+    what.add_argument("--scenes", type=int, help="testbed only: use the first N scenes of the split")
+    what.add_argument("--limit", type=int, help="evaluate a fixed subset: the first N questions of a seeded shuffle")
+    what.add_argument("--seed", type=int, default=0, help="seed of the --limit shuffle (default: 0)")
+    sweep = parser.add_argument_group("sweep")
+    sweep.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, help=f"default: {' '.join(DEFAULT_METHODS)}")
+    sweep.add_argument("--retentions", nargs="+", type=float, default=DEFAULT_RETENTIONS,
+                       help="mean spatial retentions over layers (default: 0.1 0.2 0.4)")
+    sweep.add_argument("--schedule", nargs="+", metavar="DIR_OR_FILE",
+                       help="fitted schedule JSONs for adatoken3d, matched to --retentions by the retention they were "
+                            "fitted for (default: adatoken3d's eq.-5 curve at each retention)")
+    sweep.add_argument("--batch-size", type=int, default=16)
+    sweep.add_argument("--max-new-tokens", type=int, default=8)
+    sweep.add_argument("--device", default="auto",
+                       help="auto (this rank's GPU if there is one, else cpu), cpu, cuda:0, ...")
+    output = parser.add_argument_group("output")
+    output.add_argument("--out", default="runs/eval", help="output folder (default: runs/eval)")
+    output.add_argument("--fresh", action="store_true",
+                        help="start over: delete earlier predictions and reports in --out")
+    output.add_argument("--ngram", action="store_true",
+                        help="also BLEU/ROUGE-L/METEOR/CIDEr (off by default: testbed answers are one or two words)")
+    output.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    started = time.perf_counter()
+    _check_args(args)
+    device = _device(args.device)
+    answerer, checkpoint = MODELS[args.model](args.checkpoint, device)
+    records = _questions(args, checkpoint)
+    subset = select_subset(records, args.limit, args.seed)
+    num_layers = adapters.resolve(answerer.llm).num_layers
+    schedules = load_schedules(args.schedule) if args.schedule else None
+    configs = sweep_configs(args.methods, args.retentions, num_layers, schedules)
+    settings = {"model": args.model, "checkpoint": str(checkpoint), "dataset": args.dataset, "data": args.data,
+                "split": args.split, "scenes": args.scenes, "limit": args.limit, "seed": args.seed}
+    predictions = evaluate(answerer, subset, configs, args.out, settings, batch_size=args.batch_size,
+                           max_new_tokens=args.max_new_tokens, fresh=args.fresh, progress=not args.no_progress)
+    if predictions is None:  # not rank 0: rank 0 writes the report
+        return 0
+    rows, metrics = summarize(configs, predictions, ngram=args.ngram)
+    context = {
+        "model": f"{args.model} ({num_layers} decoder layers)", "checkpoint": str(checkpoint),
+        "dataset": f"{args.dataset} {args.split}" if args.dataset in ("testbed", "sqa3d") else args.dataset,
+        "num_questions": len(subset),
+        "subset": f"first {args.limit} of a shuffle with seed {args.seed}" if args.limit else "all",
+        "decoding": f"greedy, at most {args.max_new_tokens} new tokens, batches of {args.batch_size}",
+        "device": f"{device} x {os.environ.get('WORLD_SIZE', '1')} process(es)",
+        "command": _command(args),
+        "wall time": f"{time.perf_counter() - started:.0f} s (this invocation)",
+    }
+    paths = write_report(args.out, rows, metrics, context)
+    print(Path(paths[2]).read_text())
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def _command(args) -> str:
+    """The command that reproduces this sweep, every option spelled out (defaults included)."""
+    words = ["adatoken", "eval"]
+    for name, value in vars(args).items():
+        if name in ("func", "command", "fresh", "no_progress") or value is None or value is False:
+            continue
+        words.append("--" + name.replace("_", "-"))
+        if value is not True:
+            words += [str(v) for v in value] if isinstance(value, list) else [str(value)]
+    return shlex.join(words)
+
+
+def _device(name: str) -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def _check_args(args) -> None:
+    """Refuse inconsistent options before the model is loaded."""
+    if args.model == "testbed" and args.dataset != "testbed":
+        raise ValueError(f"the testbed model answers only testbed questions, not --dataset {args.dataset}; "
+                         "use --dataset testbed")
+    if args.dataset != "testbed" and args.scenes is not None:
+        raise ValueError("--scenes applies to --dataset testbed only; use --limit to evaluate a subset")
+    if args.dataset != "testbed" and args.data is None:
+        raise ValueError(f"--dataset {args.dataset} reads files: pass --data PATH")
+
+
+def _questions(args, checkpoint: Path) -> list[QARecord]:
+    if args.dataset == "testbed":
+        return load_dataset("testbed", args.data or checkpoint, split=args.split, num_scenes=args.scenes)
+    options = {"sqa3d": {"split": args.split}, "llava3d": {"answers": args.answers}}.get(args.dataset, {})
+    return load_dataset(args.dataset, args.data, **options)
