@@ -106,11 +106,17 @@ class FlopsBreakdown:
         return {"total": self.total, "per_layer": list(self.per_layer), "lm_head": self.lm_head}
 
 
-def layer_flops(shape: ModelShape, queries: int, keys: int) -> int:
-    """Matmul FLOPs of one decoder layer: projections and MLP on `queries` tokens, attention over `keys`."""
+def layer_flops(shape: ModelShape, queries: int, keys: int, causal: bool = False) -> int:
+    """Matmul FLOPs of one decoder layer: projections and MLP on `queries` tokens, attention over `keys`.
+
+    `causal=True` counts only the query-key pairs the causal mask lets through (the last `queries`
+    positions of `keys`): the work a flash kernel that skips masked blocks does, as opposed to the
+    dense rectangle FlopCounterMode and the papers count.
+    """
     h, d = shape.hidden, shape.head_dim
     projections = 2 * queries * h * d * (2 * shape.num_heads + 2 * shape.num_kv_heads)  # q, o; k, v
-    attention = 2 * 2 * shape.num_heads * queries * keys * d  # QKᵀ and AV
+    pairs = queries * keys - queries * (queries - 1) // 2 if causal else queries * keys
+    attention = 2 * 2 * shape.num_heads * pairs * d  # QKᵀ and AV
     mlp = 3 * 2 * queries * h * shape.intermediate
     return projections + attention + mlp
 
@@ -119,7 +125,8 @@ def lm_head_flops(shape: ModelShape, positions: int) -> int:
     return 2 * positions * shape.hidden * shape.vocab
 
 
-def prefill_flops(shape: ModelShape, tokens_per_layer: Sequence[int], lm_head_positions: int = 1) -> FlopsBreakdown:
+def prefill_flops(shape: ModelShape, tokens_per_layer: Sequence[int], lm_head_positions: int = 1,
+                  causal: bool = False) -> FlopsBreakdown:
     """FLOPs of one sample's prefill, given the tokens entering each layer (text plus kept spatial).
 
     `lm_head_positions`: 1 for `generate` (it keeps the last position's logits only), the input
@@ -128,7 +135,7 @@ def prefill_flops(shape: ModelShape, tokens_per_layer: Sequence[int], lm_head_po
     tokens = _per_layer(shape, tokens_per_layer, "tokens_per_layer")
     if lm_head_positions < 0:
         raise ValueError(f"lm_head_positions must be >= 0, got {lm_head_positions}")
-    return FlopsBreakdown(per_layer=[layer_flops(shape, n, n) for n in tokens],
+    return FlopsBreakdown(per_layer=[layer_flops(shape, n, n, causal) for n in tokens],
                           lm_head=lm_head_flops(shape, lm_head_positions))
 
 

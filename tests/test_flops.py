@@ -149,3 +149,12 @@ def test_from_config_dicts_and_nesting():
 def test_bad_inputs_raise(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_causal_attention_counts_only_unmasked_pairs():
+    shape = ModelShape(num_layers=1, hidden=8, intermediate=16, num_heads=2, num_kv_heads=1, head_dim=4, vocab=10)
+    dense = layer_flops(shape, 5, 5)
+    causal = layer_flops(shape, 5, 5, causal=True)
+    # 5 queries over 5 keys: 25 pairs dense, 15 (= 5·6/2) causal; QKᵀ and AV cost 2·H·d per pair each
+    assert dense - causal == 2 * 2 * 2 * (25 - 15) * 4
+    assert layer_flops(shape, 1, 9, causal=True) == layer_flops(shape, 1, 9)  # one query sees every key
