@@ -4,11 +4,14 @@
     out = model.generate(**inputs)
     adatoken.last_stats(model)      # spatial tokens that entered each layer, analytic FLOPs
     adatoken.unprune(model)         # bit-identical to never pruned
+    report = adatoken.analyze(model, samples)                   # information flow (paper eqs. 1-4)
+    schedule = adatoken.fit_schedule(report.inf, num_layers, retention=0.4)   # eqs. 5-7
 """
 from adatoken.config import PruneConfig
+from adatoken.flow import FlowReport, FlowSample, analyze
 from adatoken.methods import method_names
 from adatoken.runtime import last_stats, prune, spatial_tokens, unprune
 from adatoken.schedule import Schedule, fit_schedule
 
 __version__ = "0.1.0"
-__all__ = ["PruneConfig", "Schedule", "fit_schedule", "last_stats", "method_names", "prune", "spatial_tokens", "unprune"]
+__all__ = ["FlowReport", "FlowSample", "PruneConfig", "Schedule", "analyze", "fit_schedule", "last_stats", "method_names", "prune", "spatial_tokens", "unprune"]

@@ -10,6 +10,7 @@ import sys
 COMMAND_MODULES = [
     "adatoken.demo",
     "adatoken.bench",
+    "adatoken.calibrate_cli",
     "adatoken.eval.cli",
 ]
 

@@ -1,6 +1,6 @@
 """Peak memory of `adatoken.flow.analyze` on one long input, for several chunk sizes (CPU).
 
-    python benchmarks/flow_memory.py --tokens 4000 --chunk-sizes 64 256 1024 4000 --out flow_memory.json
+    python benchmarks/flow_memory.py --tokens 4000 --chunk-sizes 64 256 1024 4000 --repeats 3 --out flow_memory.json
 
 What is measured: the peak resident set size (Linux VmHWM) of a fresh process during one `analyze`
 call, minus its resident size just before the call. Each configuration runs in its own process;
@@ -8,7 +8,10 @@ before the measured call the process analyses a short input once (so one-time al
 thread pools, are not counted), returns the heap that run freed to the OS (glibc malloc_trim) and
 resets its peak counter (`/proc/self/clear_refs`). It counts every
 byte the process holds (torch tensors, Python objects, allocator slack), which is what a user's
-machine sees. Two reference rows: the same forward without analysis (what the model itself needs),
+machine sees. Configurations run round-robin, `--repeats` times each; the table gives the median
+(and the range) of the peaks. Workers use one torch thread and serve large allocations by mmap
+(WORKER_ENV below): per-thread arenas and reused heap blocks otherwise add tens of MiB of run-to-run
+noise. This benchmark is about memory, not speed. Two reference rows: the same forward without analysis (what the model itself needs),
 and the model's own eager attention with output_attentions=True, the way attention maps are usually
 collected, which keeps layers × heads × tokens² weights.
 
@@ -19,6 +22,8 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import os
+import statistics
 import subprocess
 import sys
 import time
@@ -57,6 +62,11 @@ def _sample(model, tokens: int):
     return FlowSample({"inputs_embeds": embeds}, spatial, query_index=tokens - answer - 1)
 
 
+# glibc: serve every allocation of 128 KiB or more (every tensor that matters here) by its own mmap,
+# returned to the OS when freed. Resident memory then follows the live tensors instead of wherever the
+# heap allocator last left free blocks, which otherwise moves the small-chunk rows by tens of MiB.
+WORKER_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+
 MODES = {  # mode -> row label
     "forward": "model forward alone (sdpa)",
     "analyze": "analyze, chunk_size={chunk}",
@@ -68,7 +78,7 @@ def worker(mode: str, tokens: int, chunk_size: int) -> dict:
     """One measurement in this process."""
     from adatoken.flow import analyze
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     model = _model("eager" if mode == "eager-maps" else "sdpa")
     warm, sample = _sample(model, 256), _sample(model, tokens)
 
@@ -101,6 +111,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, default=4000)
     parser.add_argument("--chunk-sizes", type=int, nargs="+", default=[64, 256, 1024, 4000])
+    parser.add_argument("--repeats", type=int, default=3, help="fresh processes per configuration (median reported)")
     parser.add_argument("--no-reference", action="store_true", help="skip the plain-forward and eager-maps rows")
     parser.add_argument("--out", default="flow_memory.json")
     parser.add_argument("--worker", choices=sorted(MODES), help=argparse.SUPPRESS)
@@ -113,16 +124,26 @@ def main() -> None:
     configs = [("analyze", c) for c in args.chunk_sizes]
     if not args.no_reference:
         configs = [("forward", 0), *configs, ("eager-maps", 0)]
+    runs = {config: [] for config in configs}
+    for _ in range(args.repeats):  # round-robin, so a slow spell of the machine hits every configuration
+        for mode, chunk in configs:  # a fresh process each: the peak resident size is per process
+            command = [sys.executable, __file__, "--tokens", str(args.tokens), "--worker", mode, "--chunk-size", str(chunk)]
+            out = subprocess.run(command, check=True, capture_output=True, text=True, env=WORKER_ENV).stdout
+            runs[(mode, chunk)].append(json.loads(out.strip().splitlines()[-1]))
     rows = []
-    for mode, chunk in configs:  # a fresh process each: the peak resident size is per process
-        command = [sys.executable, __file__, "--tokens", str(args.tokens), "--worker", mode, "--chunk-size", str(chunk)]
-        out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-        rows.append(json.loads(out.strip().splitlines()[-1]))
-    print(f"peak memory, {args.tokens} tokens, random Llama 4 layers x hidden 256 x 4 heads, CPU fp32")
-    print(f"{'run':<32} {'peak increase MiB':>17} {'attention block MiB':>19} {'seconds':>8}")
+    for config, results in runs.items():
+        peaks = [r["peak_increase_mib"] for r in results]
+        rows.append({**results[0], "peak_increase_mib": statistics.median(peaks), "peak_min_mib": min(peaks),
+                     "peak_max_mib": max(peaks), "seconds": statistics.median(r["seconds"] for r in results),
+                     "repeats": len(results)})
+    print(f"peak memory, {args.tokens} tokens, random Llama 4 layers x hidden 256 x 4 heads, CPU fp32, 1 thread, "
+          f"median of {args.repeats}")
+    print(f"{'run':<32} {'peak increase MiB':>17} {'(min-max)':>15} {'attention block MiB':>19} {'seconds':>8}")
     for row in rows:
         name = MODES[row["mode"]].format(chunk=row["chunk_size"])
-        print(f"{name:<32} {row['peak_increase_mib']:17.1f} {row['attention_block_mib']:19.1f} {row['seconds']:8.2f}")
+        spread = f"({row['peak_min_mib']:.0f}-{row['peak_max_mib']:.0f})"
+        print(f"{name:<32} {row['peak_increase_mib']:17.1f} {spread:>15} {row['attention_block_mib']:19.1f} "
+              f"{row['seconds']:8.2f}")
     with open(args.out, "w") as f:
         json.dump({"benchmark": "flow_memory", "torch": torch.__version__, "rows": rows}, f, indent=2)
     print("wrote", args.out)

@@ -1,0 +1,265 @@
+"""`adatoken analyze`, `adatoken fit` and `adatoken sweep`: the calibration half of AdaToken-3D.
+
+    adatoken analyze --model tiny-llama --out calib/        # flow.json + figures
+    adatoken fit calib/flow.json --retention 0.4            # calib/schedule.json + calib/schedule.png
+    adatoken sweep --model tiny-llama --out calib/          # sweep.json + sweep.png (Fig. 2A)
+
+Where the model and its calibration samples come from is decided in one place, `load_source`:
+  - `--model testbed`: the embedded 3D scene-QA model (`adatoken.testbed`, its shipped checkpoint)
+    on questions of its `calib` split, each with its reference answer appended, so λ is the answer's
+    attention as in the paper.
+  - `--model tiny-llama | tiny-qwen2`: a random-weight model built from a transformers config, with
+    synthetic inputs. It checks the pipeline end to end; its numbers say nothing about real models.
+  - `--model-path DIR`: a local Hugging Face checkpoint (never downloaded), with the same synthetic
+    layout: random system/prompt/answer token ids, and as spatial tokens the embeddings of random
+    vocabulary tokens. For a real calibration, build FlowSamples from real data and call
+    `adatoken.flow.analyze` from Python.
+
+transformers and matplotlib are imported only where needed, so `adatoken --help` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from adatoken.flow import FlowParams, FlowReport, FlowSample, analyze
+from adatoken.schedule import fit_schedule
+from adatoken.sweep import BUILTIN_METRICS, DROP_RATIOS, RANKINGS, sweep
+
+SYNTHETIC_MODELS = ("tiny-llama", "tiny-qwen2")
+MODELS = ("testbed", *SYNTHETIC_MODELS)
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class Source:
+    """A model to calibrate and its calibration samples (FlowSample)."""
+
+    name: str
+    model: nn.Module
+    samples: list
+
+
+# FlowParams field -> help of its `adatoken analyze` flag (the default comes from FlowParams)
+FLOW_PARAM_HELP = {
+    "sigma": "eq. 2 weight of the current layer's S_self",
+    "gamma": "eq. 2 weight of the previous layer's F_3D",
+    "a1": "eq. 3 weight of the prompt→spatial share",
+    "a2": "eq. 3 weight of the spatial→system share",
+    "epsilon": "eq. 4 temperature of exp(S_cross/ε)",
+    "alpha": "eq. 4 weight α_i of F_3D, the same for every layer",
+    "redundancy_threshold": "a spatial token is redundant when its λ is below this × the mean spatial λ",
+}
+
+
+def register(subparsers) -> None:
+    analyze_cmd = subparsers.add_parser(
+        "analyze", help="information flow of a model over calibration samples (eqs. 1-4)",
+        description="Measure per-layer attention between token groups, λ, eqs. 1–4 and the redundancy figure; "
+                    "write flow.json and figures.")
+    _model_arguments(analyze_cmd)
+    analyze_cmd.add_argument("--chunk-size", type=int, default=256,
+                             help="query rows of attention held at once; memory grows with it (default: %(default)s)")
+    analyze_cmd.add_argument("--token-lambda", action="store_true", help="also store every spatial token's λ per layer")
+    defaults = FlowParams()
+    for name, help_text in FLOW_PARAM_HELP.items():
+        analyze_cmd.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(defaults, name),
+                                 help=help_text + " (default: %(default)s)")
+    analyze_cmd.set_defaults(func=run_analyze)
+
+    fit_cmd = subparsers.add_parser(
+        "fit", help="fit a retention schedule to a flow report (eqs. 5-7)",
+        description="Fit eq. 5 to the report's normalised INF under a mean-retention budget (SLSQP); write a "
+                    "schedule JSON for adatoken.prune(model, 'adatoken3d', schedule=PATH).")
+    fit_cmd.add_argument("flow", type=Path, help="flow.json written by `adatoken analyze`")
+    fit_cmd.add_argument("--retention", type=float, default=0.4,
+                         help="mean share of spatial tokens kept over layers (default: %(default)s)")
+    fit_cmd.add_argument("--first-layer", type=int, default=2,
+                         help="layers before it keep every spatial token (default: %(default)s)")
+    fit_cmd.add_argument("--smooth-lambda", type=float, default=1.0,
+                         help="eq. 7 weight of the slope term (default: %(default)s)")
+    fit_cmd.add_argument("--out", type=Path, help="schedule JSON (default: schedule.json beside the flow report)")
+    fit_cmd.add_argument("--plot", type=Path, help="figure (default: schedule.png beside the schedule)")
+    fit_cmd.set_defaults(func=run_fit)
+
+    sweep_cmd = subparsers.add_parser(
+        "sweep", help="metric vs spatial tokens dropped at single layers (Fig. 2A)",
+        description="Drop x of the spatial tokens at one layer, for several layers and x, and record a metric; "
+                    "write sweep.json and sweep.png.")
+    _model_arguments(sweep_cmd)
+    sweep_cmd.add_argument("--layers", type=int, nargs="+",
+                           help="layers to drop at (default: 1/8, 3/8 and 3/4 of the depth)")
+    sweep_cmd.add_argument("--drop-ratios", type=float, nargs="+", default=list(DROP_RATIOS),
+                           help="shares of the spatial tokens to drop (default: %(default)s)")
+    sweep_cmd.add_argument("--ranking", choices=RANKINGS, default="fastv",
+                           help="fastv: attention received; pdrop: last instruction token's query · keys "
+                                "(default: %(default)s)")
+    sweep_cmd.add_argument("--metric", choices=tuple(BUILTIN_METRICS), default="kl",
+                           help="kl: KL of the last next-token distribution to the unpruned one; agreement: same "
+                                "top-1 token (default: %(default)s)")
+    sweep_cmd.set_defaults(func=run_sweep)
+
+
+def _model_arguments(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--model", choices=MODELS, default="tiny-llama",
+                        help="testbed: the trained scene-QA model on its calib split; tiny-*: random weights, "
+                             "synthetic inputs (default: %(default)s)")
+    source.add_argument("--model-path", type=Path, help="a local Hugging Face checkpoint directory (no downloads)")
+    parser.add_argument("--num-samples", type=int, default=8, help="calibration samples (default: %(default)s)")
+    parser.add_argument("--spatial-tokens", type=int, default=256,
+                        help="spatial tokens per synthetic sample; the testbed's scenes fix their own (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32")
+    parser.add_argument("--attn", choices=("sdpa", "eager"), default="sdpa", help="attention implementation")
+    parser.add_argument("--out", type=Path, default=Path("calibration"), help="output directory (default: %(default)s)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+# ----- model and samples ---------------------------------------------------------------------------
+def load_source(args) -> Source:
+    """The model and calibration samples the command line asks for."""
+    dtype = getattr(torch, args.dtype)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.model_path is None and args.model == "testbed":
+        return _testbed_source(args.num_samples, device, dtype)
+    if args.model_path is not None:
+        model = _load_checkpoint(args.model_path, dtype, args.attn)
+        name = str(args.model_path)
+    else:
+        model = _synthetic_model(args.model, args.attn).to(dtype)
+        name = args.model
+    model = model.to(device).eval()
+    return Source(name, model, synthetic_samples(model, args.num_samples, args.spatial_tokens, args.seed))
+
+
+def _testbed_source(count: int, device: str, dtype: torch.dtype) -> Source:
+    """The testbed LLM and `count` questions of its calib split, one sample each, answer included."""
+    from adatoken import testbed
+    from adatoken.testbed.tokenizer import dialogue_ids
+
+    model = testbed.load().to(device=device, dtype=dtype)
+    records = testbed.load_split("calib")[:count]
+    samples = []
+    for record in records:
+        ids, is_answer = dialogue_ids(model.tokenizer, [(record.question, record.answers[0])])
+        with torch.no_grad():
+            inputs = model.embed([model.spatial_tokens(record)], [ids])
+        spatial = inputs.pop("spatial_mask")
+        last_instruction = spatial.shape[1] - sum(is_answer) - 1  # `ASSISTANT:`, the last prompt token
+        samples.append(FlowSample(inputs, spatial, query_index=last_instruction))
+    return Source("testbed", model.llm, samples)
+
+
+def _synthetic_model(name: str, attn: str) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    # 12 narrow layers: deep enough for a visible per-layer curve, seconds per sample on a CPU.
+    # initializer_range 0.2 (transformers' default is 0.02) makes the random attention peaked rather
+    # than near uniform, so the figures have some structure to show.
+    shape = dict(vocab_size=1024, hidden_size=128, intermediate_size=344, num_hidden_layers=12,
+                 num_attention_heads=4, max_position_embeddings=4096, initializer_range=0.2)
+    torch.manual_seed(0)
+    if name == "tiny-llama":
+        model = LlamaForCausalLM(LlamaConfig(num_key_value_heads=4, **shape))
+    else:  # GQA and q/k biases
+        model = Qwen2ForCausalLM(Qwen2Config(num_key_value_heads=2, use_sliding_window=False, **shape))
+    model.set_attn_implementation(attn)
+    return model
+
+
+def _load_checkpoint(path: Path, dtype: torch.dtype, attn: str) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    if not path.is_dir():
+        raise ValueError(f"--model-path must be a local checkpoint directory, got {path}")
+    options = dict(config=AutoConfig.from_pretrained(path, local_files_only=True), local_files_only=True,
+                   dtype=dtype, attn_implementation=attn)
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, **options)
+    except ValueError as err:  # multimodal wrappers such as LLaVA are image-text-to-text models
+        if "Unrecognized configuration class" not in str(err):
+            raise
+    return AutoModelForImageTextToText.from_pretrained(path, **options)
+
+
+def synthetic_samples(model: nn.Module, count: int, num_spatial: int, seed: int,
+                      system: int = 8, prompt: int = 16, answer: int = 4) -> list:
+    """`count` samples laid out system | spatial | prompt | answer, as inputs_embeds.
+
+    Text tokens are random vocabulary ids; spatial tokens are the embeddings of random vocabulary ids,
+    so they lie in the distribution of the model's input embeddings. The answer follows the last
+    prompt token, so λ is the answer's attention, as in the paper.
+    """
+    if count < 1 or num_spatial < 1:
+        raise ValueError(f"need at least one sample and one spatial token, got {count} samples of {num_spatial}")
+    embed = model.get_input_embeddings()
+    vocab = embed.num_embeddings
+    device = embed.weight.device
+    generator = torch.Generator().manual_seed(seed)
+    length = system + num_spatial + prompt + answer
+    samples = []
+    for _ in range(count):
+        ids = torch.randint(1, vocab, (1, length), generator=generator).to(device)
+        spatial = torch.zeros(1, length, dtype=torch.bool, device=device)
+        spatial[:, system:system + num_spatial] = True
+        with torch.no_grad():
+            embeds = embed(ids)
+        inputs = {"inputs_embeds": embeds, "attention_mask": torch.ones(1, length, dtype=torch.long, device=device)}
+        samples.append(FlowSample(inputs, spatial, query_index=system + num_spatial + prompt - 1))
+    return samples
+
+
+# ----- commands ------------------------------------------------------------------------------------
+def run_analyze(args) -> int:
+    from adatoken import plots  # matplotlib: only when drawing
+
+    params = FlowParams(**{name: getattr(args, name) for name in FLOW_PARAM_HELP})
+    source = load_source(args)
+    report = analyze(source.model, source.samples, params, chunk_size=args.chunk_size,
+                     keep_token_lambda=args.token_lambda, progress=not args.quiet)
+    args.out.mkdir(parents=True, exist_ok=True)
+    report.save(args.out / "flow.json")
+    figures = plots.plot_report(report, args.out)
+    print(f"model: {source.name}, {report.num_layers} layers, {report.num_samples} samples")
+    print(report.table())
+    print("wrote", ", ".join(str(p) for p in [args.out / "flow.json", *figures]))
+    return 0
+
+
+def run_fit(args) -> int:
+    from adatoken import plots
+
+    report = FlowReport.load(args.flow)
+    schedule = fit_schedule(report.inf, report.num_layers, retention=args.retention,
+                            smooth_lambda=args.smooth_lambda, first_layer=args.first_layer)
+    out = args.out or args.flow.with_name("schedule.json")
+    schedule.save(out)
+    figure = plots.plot_information_flow(report, args.plot or out.with_name("schedule.png"), schedule)
+    meta = schedule.meta
+    print(f"fit: alpha={meta['alpha']:.3f} beta={meta['beta']:.3f} center={meta['center']:.2f} "
+          f"floor={meta['floor']:.3f} rms residual={meta['rms_residual']:.3f}")
+    print("keep per layer:", " ".join(f"{k:.2f}" for k in schedule.keep), f"(mean {schedule.retention:.3f})")
+    print(f"wrote {out}, {figure}")
+    print(f"use it: adatoken.prune(model, 'adatoken3d', schedule='{out}')")
+    return 0
+
+
+def run_sweep(args) -> int:
+    from adatoken import plots
+
+    source = load_source(args)
+    result = sweep(source.model, source.samples, metric=args.metric, layers=args.layers,
+                   drop_ratios=args.drop_ratios, ranking=args.ranking, progress=not args.quiet)
+    args.out.mkdir(parents=True, exist_ok=True)
+    result.save(args.out / "sweep.json")
+    figure = plots.plot_sweep(result, args.out / "sweep.png")
+    print(f"model: {source.name}, {len(source.samples)} samples")
+    print(result.table())
+    print(f"wrote {args.out / 'sweep.json'}, {figure}")
+    return 0
