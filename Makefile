@@ -4,6 +4,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.installed
+# LLaVA-3D's stack (transformers 4.37.2) for tests_legacy/: the same torch, then that pin and its needs.
+LEGACY := .venv-legacy
+LEGACY_PY := $(LEGACY)/bin/python
+LEGACY_PIP := $(LEGACY_PY) -m pip --disable-pip-version-check -q
+LEGACY_STAMP := $(LEGACY)/.installed
 
 .PHONY: demo test install clean
 
@@ -14,13 +19,22 @@ $(STAMP): pyproject.toml requirements.lock
 	$(PIP) install -c requirements.lock -e '.[test]'
 	touch $(STAMP)
 
+$(LEGACY_STAMP): pyproject.toml tests_legacy/requirements.lock
+	$(PYTHON) -m venv $(LEGACY)
+	$(LEGACY_PIP) install torch==2.13.0
+	$(LEGACY_PIP) install -r tests_legacy/requirements.lock
+	# no deps: pyproject pins transformers 5, which must not replace 4.37.2 here
+	$(LEGACY_PIP) install --no-deps -e .
+	touch $(LEGACY_STAMP)
+
 install: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/adatoken demo
 
-test: $(STAMP)
+test: $(STAMP) $(LEGACY_STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
+	$(LEGACY_PY) -m pytest -q -p no:cacheprovider tests_legacy
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(LEGACY) build *.egg-info

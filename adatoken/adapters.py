@@ -5,7 +5,9 @@ an `Adapter` and never walk a model themselves. To support a new family, add a `
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import nn
@@ -17,22 +19,44 @@ class Family:
 
     decoder_paths: tuple[str, ...]       # dotted attribute paths tried in order; the first that exists wins
     text_config: str | None = None       # attribute of model.config holding the LLM's config (multimodal wrappers)
-    image_token_attr: str | None = None  # config attribute giving the token id that marks spatial/visual tokens
+    spatial_token_attrs: tuple[str, ...] = ()  # config attributes giving the token ids of spatial/visual tokens
 
 
 _DECODER_PATHS = ("model", "")  # XForCausalLM.model, or the decoder itself (LlamaModel, ...)
+_WRAPPED_PATHS = ("model.language_model", "language_model.model", "language_model")  # XForConditionalGeneration
+_IMAGES = ("image_token_id",)
+_IMAGES_AND_VIDEOS = ("image_token_id", "video_token_id")  # both are spatial tokens
 
 FAMILIES: dict[str, Family] = {
     "llama": Family(_DECODER_PATHS),
     "mistral": Family(_DECODER_PATHS),
     "qwen2": Family(_DECODER_PATHS),
-    "llava": Family(("model.language_model", "language_model.model", "language_model"),
-                    text_config="text_config", image_token_attr="image_token_id"),
+    "qwen3": Family(_DECODER_PATHS),
+    # LLaVA's own codebase (LLaVA-1.5, LLaVA-3D: LlavaLlamaForCausalLM on transformers 4.37). Its image
+    # placeholder is replaced by features before the LLM runs, so the spatial mask is always given explicitly.
+    "llava_llama": Family(_DECODER_PATHS),
+    "llava": Family(_WRAPPED_PATHS, "text_config", _IMAGES),
+    "llava_next": Family(_WRAPPED_PATHS, "text_config", _IMAGES),
+    "llava_onevision": Family(_WRAPPED_PATHS, "text_config", _IMAGES_AND_VIDEOS),
+    "qwen2_vl": Family(_WRAPPED_PATHS, "text_config", _IMAGES_AND_VIDEOS),
+    "qwen2_5_vl": Family(_WRAPPED_PATHS, "text_config", _IMAGES_AND_VIDEOS),
+}
+
+# Families users ask for that pruning inside the decoder cannot serve, and why (docs/families.md).
+_DEEPSTACK = ("DeepStack adds visual features to the hidden states at fixed token positions between its first "
+              "decoder layers, outside the layers adatoken hooks, so a pruned sequence no longer lines up with them")
+UNSUPPORTED: dict[str, str] = {
+    "qwen3_vl": _DEEPSTACK,
+    "qwen3_vl_moe": _DEEPSTACK,
+    "mllama": "Llama 3.2 Vision reads images through cross-attention, not as tokens of the decoder's sequence: "
+              "there are no spatial tokens to drop",
 }
 
 # Decoder families whose attention the ranking understands: q/k projections named q_proj/k_proj,
-# rotate-half RoPE over the whole head, an `input_layernorm` before attention, no q/k norms.
-TEXT_FAMILIES = ("llama", "mistral", "qwen2")
+# optional per-head q_norm/k_norm, rotate-half RoPE over the whole head (Qwen2-VL's multimodal RoPE
+# included: its decoder hands the layers per-token cos/sin already assembled from the three sections),
+# an `input_layernorm` before attention.
+TEXT_FAMILIES = ("llama", "llava_llama", "mistral", "qwen2", "qwen2_vl_text", "qwen2_5_vl_text", "qwen3")
 
 
 def _get_path(root: nn.Module, path: str):
@@ -52,7 +76,12 @@ class Adapter:
     decoder: nn.Module
     layers: nn.ModuleList
     text_config: object
-    image_token_id: int | None
+    spatial_token_ids: tuple[int, ...]
+
+    @property
+    def image_token_id(self) -> int | None:
+        """The image token alone (the flow analysis reads images only); spatial_token_ids has videos too."""
+        return self.spatial_token_ids[0] if self.spatial_token_ids else None
 
     @property
     def num_layers(self) -> int:
@@ -89,9 +118,39 @@ class Adapter:
         attn = self.layers[layer_idx].self_attn
         return attn.q_proj.weight, attn.q_proj.bias, attn.k_proj.weight, attn.k_proj.bias
 
+    def qk_norms(self, layer_idx: int) -> tuple[nn.Module | None, nn.Module | None]:
+        """Per-head RMSNorms applied to q and k before RoPE (Qwen3), or None where the family has none."""
+        attn = self.layers[layer_idx].self_attn
+        return getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+
+    @cached_property
+    def attention_rotaries(self) -> list[nn.Module]:
+        """Per-layer rotary modules that attention itself calls as `rotary_emb(x, seq_len=keys held)`.
+
+        transformers 4.37 (LLaVA-3D's pin) passes layers only `position_ids`; attention slices a cos/sin
+        cache to the number of keys it holds and indexes it with the positions. Empty where the decoder
+        hands every layer `position_embeddings` (cos, sin) instead (transformers 5).
+        """
+        rotaries = [getattr(layer.self_attn, "rotary_emb", None) for layer in self.layers]
+        if any(r is None or "seq_len" not in inspect.signature(r.forward).parameters for r in rotaries):
+            return []
+        return rotaries
+
+    def rotary(self, layer_idx: int, hidden: torch.Tensor, positions: torch.Tensor, length: int):
+        """cos/sin [B, L, head_dim] at `positions` [B, L], for layers that compute RoPE themselves.
+
+        `length` must exceed every position: it is how far the 4.37 cache is sliced.
+        """
+        if not self.attention_rotaries:
+            raise ValueError(f"decoder layer {layer_idx} received neither `position_embeddings` nor a rotary "
+                             "module adatoken knows; supported: transformers 4.37.x and 5.x")
+        cos, sin = self.attention_rotaries[layer_idx](hidden, seq_len=length)
+        return cos[positions], sin[positions]
+
 
 def known_families() -> list[str]:
-    return sorted(FAMILIES)
+    """Supported model types: base families first, then their variants (llava_next after llava, ...)."""
+    return sorted(FAMILIES, key=lambda name: ("_" in name, name))
 
 
 def resolve(model: nn.Module) -> Adapter:
@@ -99,10 +158,10 @@ def resolve(model: nn.Module) -> Adapter:
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type not in FAMILIES:
-        raise ValueError(
-            f"adatoken does not know model family {model_type!r} ({type(model).__name__}); "
-            f"known families: {', '.join(known_families())}"
-        )
+        why = (f"does not support model family {model_type!r}: {UNSUPPORTED[model_type]}" if model_type in UNSUPPORTED
+               else f"does not know model family {model_type!r}")
+        raise ValueError(f"adatoken {why} ({type(model).__name__}); "
+                         f"known families: {', '.join(known_families())} (see docs/families.md)")
     family = FAMILIES[model_type]
     text_config = getattr(config, family.text_config) if family.text_config else config
     text_type = getattr(text_config, "model_type", None)
@@ -114,6 +173,7 @@ def resolve(model: nn.Module) -> Adapter:
     for path in family.decoder_paths:
         decoder = _get_path(model, path)
         if decoder is not None and isinstance(getattr(decoder, "layers", None), nn.ModuleList):
-            image_token_id = getattr(config, family.image_token_attr, None) if family.image_token_attr else None
-            return Adapter(model_type, decoder, decoder.layers, text_config, image_token_id)
+            token_ids = tuple(getattr(config, attr) for attr in family.spatial_token_attrs
+                              if getattr(config, attr, None) is not None)
+            return Adapter(model_type, decoder, decoder.layers, text_config, token_ids)
     raise ValueError(f"could not find the decoder layers of this {model_type!r} model (tried {family.decoder_paths})")

@@ -7,7 +7,9 @@ How a pruned prefill runs (every decoder layer has a forward pre-hook, and a for
   `score`, from this layer's own normed input) and keeps the best. The current sequence is described
   by `index` [B, L]: for each slot, the original position of the token in it. Every per-token tensor
   the layer receives — hidden states, position ids, rotary cos/sin, the 4-D mask — is gathered with it.
-  Kept tokens keep their original positions, so RoPE and causality are unchanged.
+  Kept tokens keep their original positions, so RoPE and causality are unchanged. (Where attention
+  computes RoPE itself from `position_ids`, as in transformers 4.37, a hook on its rotary module keeps
+  the cos/sin cache it slices long enough for those positions.)
 - Samples of a batch keep different numbers of tokens; shorter rows are padded with *filler* slots
   (copies of the sample's last token) that no key ever attends to (`slot_ok` is False there).
 - Each layer's KV cache therefore holds only the tokens that entered it. Decoding steps slice the
@@ -26,7 +28,7 @@ from torch import nn
 
 from adatoken import adapters
 from adatoken.config import PruneConfig
-from adatoken.layout import TokenLayout, check_spatial_mask, spatial_mask_from_ids
+from adatoken.layout import TokenLayout, check_spatial_mask
 from adatoken.methods import RankContext
 from adatoken.schedule import Schedule
 
@@ -111,6 +113,8 @@ class PruneState:
             self.handles.append(layer.register_forward_pre_hook(self._pre_hook(idx), with_kwargs=True))
             # prepend: run before transformers' output-capturing hooks, so they see full-length states
             self.handles.append(layer.register_forward_hook(self._post_hook(idx, idx == last), prepend=True))
+        for rotary in self.adapter.attention_rotaries:
+            self.handles.append(rotary.register_forward_pre_hook(self._widen_rotary, with_kwargs=True))
 
     def detach(self) -> None:
         for handle in self.handles:
@@ -128,8 +132,8 @@ class PruneState:
     def _pre_hook(self, idx: int):
         def hook(module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
-            past = kwargs.get("past_key_values")
             if idx == 0:
+                past = kwargs.get("past_key_values", kwargs.get("past_key_value"))  # transformers 5 / 4.37
                 if past is not None and past.get_seq_length() > 0:
                     self._begin_continuation(hidden)
                 else:
@@ -155,6 +159,13 @@ class PruneState:
                 self.current = None
             return (full, *output[1:]) if isinstance(output, tuple) else full
         return hook
+
+    def _widen_rotary(self, module, args, kwargs):
+        # transformers 4.37 attention takes cos/sin[:keys it holds] and indexes them with position ids; a
+        # layer holding pruned keys has positions beyond that count, so slice up to the full sequence.
+        if self.prefill is None:
+            return None
+        return args, {**kwargs, "seq_len": max(kwargs["seq_len"], self.prefill.length + self.prefill.extra)}
 
     # ----- prefill ----------------------------------------------------------------------------
     def _begin_prefill(self, hidden: torch.Tensor) -> None:
@@ -186,9 +197,12 @@ class PruneState:
         if self.explicit_spatial is not None:
             return check_spatial_mask(self.explicit_spatial, (batch, length)).to(device)
         input_ids = self.call_inputs.get("input_ids")
-        token_id = self.adapter.image_token_id
-        if token_id is not None and input_ids is not None and tuple(input_ids.shape) == (batch, length):
-            return spatial_mask_from_ids(input_ids, token_id).to(device)
+        token_ids = self.adapter.spatial_token_ids
+        if token_ids and input_ids is not None and tuple(input_ids.shape) == (batch, length):
+            spatial = input_ids == token_ids[0]
+            for token_id in token_ids[1:]:  # videos: compared one by one, so no id table is copied to the device
+                spatial |= input_ids == token_id
+            return spatial.to(device)
         return torch.zeros(batch, length, dtype=torch.bool, device=device)  # no spatial tokens: runs unpruned
 
     def _query_positions(self, batch: int, length: int, device) -> torch.Tensor | None:
@@ -224,16 +238,19 @@ class PruneState:
         device = hidden.device
         index = run.index if run.index is not None else torch.arange(length, device=device).expand(batch, length)
         slot_ok = run.slot_ok if run.slot_ok is not None else torch.ones(batch, length, dtype=torch.bool, device=device)
-        cos, sin = (t.expand(batch, -1, -1) for t in kwargs["position_embeddings"])
+        if kwargs.get("position_embeddings") is not None:
+            cos, sin = (t.expand(batch, -1, -1) for t in kwargs["position_embeddings"])
+        else:  # the layer computes RoPE itself (transformers 4.37): from the positions it was given
+            cos, sin = self.adapter.rotary(idx, hidden, kwargs["position_ids"].expand(batch, -1), self.prefill.length)
         positions = index
         real = run.layout.real.gather(1, index) & slot_ok
-        w_q, b_q, w_k, b_k = self.adapter.qk_weights(idx)
         ctx = RankContext(
             layer_idx=idx, hidden=hidden, normed=self.adapter.input_norm(idx)(hidden), candidates=run.alive,
             valid=real, positions=positions, cos=cos, sin=sin,
             query_slot=(index == run.layout.prompt_end[:, None]).to(torch.int8).argmax(1),
             spatial_ordinal=run.spatial_ordinal.gather(1, index), num_spatial=run.counts[0],
-            qk_weights=(w_q, b_q, w_k, b_k), num_heads=self.adapter.num_heads,
+            qk_weights=self.adapter.qk_weights(idx), qk_norms=self.adapter.qk_norms(idx),
+            num_heads=self.adapter.num_heads,
             num_kv_heads=self.adapter.num_kv_heads, scaling=self.adapter.head_dim ** -0.5,
         )
         with torch.no_grad():

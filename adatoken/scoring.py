@@ -22,14 +22,25 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + _rotate_half(x) * sin
 
 
+def project_heads(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, head_dim: int, norm=None) -> torch.Tensor:
+    """x [..., D] → per-head projections [..., heads, head_dim] in fp32, through a per-head norm if given."""
+    out = x.float() @ w.float().T
+    if b is not None:
+        out = out + b.float()
+    out = out.view(*x.shape[:-1], -1, head_dim)
+    return norm(out).float() if norm is not None else out
+
+
 def query_key_scores(query_hidden: torch.Tensor, key_hidden: torch.Tensor,
                      w_q: torch.Tensor, b_q: torch.Tensor | None, w_k: torch.Tensor, b_k: torch.Tensor | None,
                      cos_q: torch.Tensor, sin_q: torch.Tensor, cos_k: torch.Tensor, sin_k: torch.Tensor,
-                     num_heads: int, num_kv_heads: int) -> torch.Tensor:
-    """Σ_heads q_t · k_j for every key token j, without materialising the keys.
+                     num_heads: int, num_kv_heads: int, q_norm=None, k_norm=None) -> torch.Tensor:
+    """Σ_heads q_t · k_j for every key token j, without materialising the keys where it can.
 
     query_hidden [B, D] and key_hidden [B, N, D] are the layer's *normed* inputs; cos/sin are the
-    rotary tables at the query's [B, hd] and keys' [B, N, hd] original positions. Returns [B, N] fp32.
+    rotary tables at the query's [B, hd] and keys' [B, N, hd] original positions (per token, so
+    Qwen2-VL's multimodal RoPE, whose sections the decoder has already assembled, needs nothing
+    more). q_norm/k_norm are per-head norms applied before RoPE (Qwen3), or None. Returns [B, N] fp32.
 
     Why it is cheap: with rotate-half RoPE, pair i of a head (dims i and i+h, h = hd/2) contributes
     cos_ji·(u_i k_i + u_{i+h} k_{i+h}) + sin_ji·(u_{i+h} k_i − u_i k_{i+h}), where u is the rotated
@@ -37,17 +48,20 @@ def query_key_scores(query_hidden: torch.Tensor, key_hidden: torch.Tensor,
     input x_j, and the rotation frequencies are shared by all heads, so summing over heads first folds
     W_k into one [hd, D] matrix. Scoring N tokens then costs N·D·hd multiply-adds instead of the
     N·D·(kv_heads·hd) of a key projection: a factor of kv_heads cheaper (32× on LLaVA-3D-7B).
+    A norm on k is not linear in x_j, so with one the keys are projected, normed and rotated instead.
     """
     batch, hidden = query_hidden.shape
     head_dim = w_q.shape[0] // num_heads
     half = head_dim // 2
     f32 = torch.float32
 
-    q = query_hidden.to(f32) @ w_q.to(f32).T
-    if b_q is not None:
-        q = q + b_q.to(f32)
-    q = apply_rope(q.view(batch, num_heads, head_dim), cos_q.to(f32)[:, None], sin_q.to(f32)[:, None])
+    q = project_heads(query_hidden, w_q, b_q, head_dim, q_norm)
+    q = apply_rope(q, cos_q.to(f32)[:, None], sin_q.to(f32)[:, None])
     u = q.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim).sum(dim=2)  # [B, kv, hd]
+    if k_norm is not None:
+        k = project_heads(key_hidden, w_k, b_k, head_dim, k_norm)                      # [B, N, kv, hd]
+        k = apply_rope(k, cos_k.to(f32)[:, :, None], sin_k.to(f32)[:, :, None])
+        return torch.einsum("bnkd,bkd->bn", k, u)
 
     # One batched matmul over the h rotary pairs: pair i's row of the cos term is
     # [u_lo[:, i], u_hi[:, i]] · [W_lo[:, i]; W_hi[:, i]], of the sin term [u_hi[:, i], −u_lo[:, i]] · same.

@@ -38,6 +38,7 @@ class RankContext:
     spatial_ordinal: torch.Tensor  # [B, L] index of each spatial token among its sample's spatial tokens
     num_spatial: list[int]       # spatial tokens of each sample at the input
     qk_weights: tuple            # (W_q, b_q, W_k, b_k) of this layer
+    qk_norms: tuple              # (q_norm, k_norm): per-head norms before RoPE (Qwen3), or (None, None)
     num_heads: int
     num_kv_heads: int
     scaling: float

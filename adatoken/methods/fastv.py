@@ -3,7 +3,8 @@
 Ranked as FastV's released code ranks: the softmax attention of the last instruction token over each
 image token, averaged over heads (the paper's text speaks of attention received from all tokens; the
 code uses the last token's row). FastV reads that row from layer K−1's attention weights; here it is
-recomputed from layer K's own input (norm → q/k → RoPE), so it works under sdpa and flash attention.
+recomputed from layer K's own input (norm → q/k → q/k norms where present → RoPE), so it works under
+sdpa and flash attention.
 Paper defaults: K = 2, R = 50 %.
 Given `retention` instead of `drop_ratio`, R is solved from mean keep = (K + (L − K)(1 − R)) / L.
 """
@@ -56,15 +57,14 @@ class FastV(Method):
 
     def score(self, ctx: RankContext):
         w_q, b_q, w_k, b_k = ctx.qk_weights
-        batch, length, _ = ctx.normed.shape
+        batch = ctx.normed.shape[0]
         head_dim = w_q.shape[0] // ctx.num_heads
         rows = torch.arange(batch, device=ctx.normed.device)
-        x_query = ctx.normed[rows, ctx.query_slot].float()
-        q = x_query @ w_q.float().T + (b_q.float() if b_q is not None else 0)
-        k = ctx.normed.float() @ w_k.float().T + (b_k.float() if b_k is not None else 0)
+        q = scoring.project_heads(ctx.normed[rows, ctx.query_slot], w_q, b_q, head_dim, ctx.qk_norms[0])
+        k = scoring.project_heads(ctx.normed, w_k, b_k, head_dim, ctx.qk_norms[1])
         cos, sin = ctx.cos.float(), ctx.sin.float()
-        q = scoring.apply_rope(q.view(batch, -1, head_dim), cos[rows, ctx.query_slot][:, None], sin[rows, ctx.query_slot][:, None])
-        k = scoring.apply_rope(k.view(batch, length, -1, head_dim).transpose(1, 2), cos[:, None], sin[:, None])
+        q = scoring.apply_rope(q, cos[rows, ctx.query_slot][:, None], sin[rows, ctx.query_slot][:, None])
+        k = scoring.apply_rope(k.transpose(1, 2), cos[:, None], sin[:, None])
         query_position = ctx.positions.gather(1, ctx.query_slot[:, None])
         key_ok = ctx.valid & (ctx.positions <= query_position)  # causal: not the answer tokens after it
         return scoring.last_token_attention(q, k, key_ok, ctx.scaling)

@@ -75,4 +75,5 @@ def query_key_score(ctx: RankContext):
     pick = lambda t: t[range(batch), rows]  # noqa: E731  [B, ...] at the query slot
     w_q, b_q, w_k, b_k = ctx.qk_weights
     return scoring.query_key_scores(pick(ctx.normed), ctx.normed, w_q, b_q, w_k, b_k,
-                                    pick(ctx.cos), pick(ctx.sin), ctx.cos, ctx.sin, ctx.num_heads, ctx.num_kv_heads)
+                                    pick(ctx.cos), pick(ctx.sin), ctx.cos, ctx.sin, ctx.num_heads, ctx.num_kv_heads,
+                                    *ctx.qk_norms)

@@ -1,0 +1,177 @@
+"""adatoken on LLaVA-3D's own stack, transformers 4.37.2 (run in .venv-legacy by `make test`).
+
+What differs from transformers 5: decoder layers get `position_ids` only and compute RoPE inside
+attention (slicing a cos/sin cache to the number of keys the layer holds), masks are 4-D float masks
+built before the layers, the cache is a DynamicCache (legacy tuples inside `generate`) sized from layer
+0, and layers return tuples. The core invariants, on LLaVA-3D's prompt layout (system | spatial | prompt).
+"""
+import pytest
+import torch
+from transformers.cache_utils import DynamicCache
+
+import adatoken
+from adatoken import adapters
+from adatoken.runtime import get_state
+from conftest import build_model, llava3d_inputs, make_prompt
+
+NUM_SPATIAL = 300
+KEEP_ALL = [("none", {}), ("fastv", {"drop_ratio": 0.0}), ("pdrop", {"ratio": 1.0}), ("adatoken3d", {"retention": 1.0})]
+PRUNING = [pytest.param(m, p, id=m) for m, p in [("fastv", {"layer": 2, "drop_ratio": 0.5}),
+                                                  ("pdrop", {"layers": (2, 3, 4), "ratio": 0.5}),
+                                                  ("adatoken3d", {"retention": 0.4}),
+                                                  ("random", {"retention": 0.5, "seed": 3})]]
+
+
+def forward(model, embeds, spatial, query_index=None, **kwargs):
+    with torch.no_grad(), adatoken.spatial_tokens(model, spatial, query_index=query_index):
+        return model(inputs_embeds=embeds, **kwargs)
+
+
+def test_llava3d_model_resolves_to_its_llama_layers():
+    adapter = adapters.resolve(build_model())
+    assert adapter.model_type == "llava_llama" and adapter.num_layers == 6
+    assert len(adapter.attention_rotaries) == 6  # RoPE inside attention: ranked and widened per layer
+
+
+def test_keep_all_equals_unpruned(attn):
+    model = build_model(attn)
+    embeds, spatial = llava3d_inputs(model, make_prompt(), NUM_SPATIAL)
+    reference = forward(model, embeds, spatial).logits
+    for method, params in KEEP_ALL:
+        adatoken.prune(model, method, **params)
+        torch.testing.assert_close(forward(model, embeds, spatial).logits, reference, atol=1e-5, rtol=0)
+    adatoken.unprune(model)
+    assert torch.equal(forward(model, embeds, spatial).logits, reference)
+
+
+@pytest.mark.parametrize("method,params", PRUNING)
+def test_kept_counts_follow_schedule(method, params, attn):
+    model = build_model(attn)
+    embeds, spatial = llava3d_inputs(model, make_prompt(), NUM_SPATIAL)
+    adatoken.prune(model, method, **params)
+    out = forward(model, embeds, spatial, output_hidden_states=True)
+    length = embeds.shape[1]
+    assert out.logits.shape == (1, length, model.config.vocab_size)
+    assert all(h.shape == embeds.shape for h in out.hidden_states)
+    expected = get_state(model).schedule.counts(NUM_SPATIAL)
+    stats = adatoken.last_stats(model)
+    assert [layer[0] for layer in stats.spatial_in] == expected
+    assert expected[-1] < NUM_SPATIAL
+    assert [layer[0] for layer in stats.tokens_in] == [length - NUM_SPATIAL + n for n in expected]
+
+
+def test_ranking_matches_brute_force_from_attention_weights():
+    """Ranked with cos/sin from the layer's own rotary module: the largest Σ_heads q_t·k_j are the largest
+    Σ_heads log softmax weights (a per-head constant apart), read from eager attention."""
+    model = build_model("eager")
+    embeds, spatial = llava3d_inputs(model, make_prompt(), NUM_SPATIAL)
+    layer = 2
+    with torch.no_grad():
+        weights = model(inputs_embeds=embeds, output_attentions=True).attentions[layer][0]  # [H, S, S]
+    logit_sum = weights[:, -1].clamp_min(1e-30).log().sum(0)
+    candidates = spatial[0].nonzero().squeeze(1)
+    expected = set(candidates[logit_sum[candidates].topk(NUM_SPATIAL // 4).indices].tolist())
+    adatoken.prune(model, "pdrop", layers=(layer,), ratio=0.25)
+    forward(model, embeds, spatial)
+    kept = get_state(model).prefill.key_index[layer][0].tolist()
+    assert set(kept) & set(candidates.tolist()) == expected
+
+
+def _greedy_without_cache(model, embeds, spatial, steps):
+    """Each step a full pruned forward of the whole prefix, ranked by the prompt's last token."""
+    tokens = []
+    for _ in range(steps):
+        new = model.get_input_embeddings()(torch.tensor([tokens], dtype=torch.long)).detach()
+        extended = torch.cat([spatial, torch.zeros(1, len(tokens), dtype=torch.bool)], 1)
+        logits = forward(model, torch.cat([embeds, new], 1), extended, query_index=embeds.shape[1] - 1,
+                         use_cache=False).logits
+        tokens.append(int(logits[0, -1].argmax()))
+    return tokens
+
+
+@pytest.mark.parametrize("method,params", PRUNING[:3])
+def test_generate_with_cache_equals_recomputation(method, params, attn):
+    model = build_model(attn)
+    adatoken.prune(model, method, **params)
+    embeds, spatial = llava3d_inputs(model, make_prompt(), NUM_SPATIAL)
+    with torch.no_grad(), adatoken.spatial_tokens(model, spatial):
+        # as LLaVA-3D's generate calls it: inputs_embeds and a mask, greedy (legacy tuple cache inside)
+        generated = model.generate(inputs_embeds=embeds, attention_mask=torch.ones(spatial.shape, dtype=torch.long),
+                                   max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0)
+    assert adatoken.last_stats(model).spatial_in[-1][0] < NUM_SPATIAL
+    assert generated[0, -16:].tolist() == _greedy_without_cache(model, embeds, spatial, 16)
+
+
+def test_dynamic_cache_decoding_equals_recomputation(attn):
+    """A hand-written decoding loop over a DynamicCache object (seen_tokens, get_usable_length)."""
+    model = build_model(attn)
+    adatoken.prune(model, "adatoken3d", retention=0.4)
+    embeds, spatial = llava3d_inputs(model, make_prompt(), NUM_SPATIAL)
+    out = forward(model, embeds, spatial, past_key_values=DynamicCache(), use_cache=True)
+    tokens = [int(out.logits[0, -1].argmax())]
+    with torch.no_grad():
+        for _ in range(15):
+            out = model(input_ids=torch.tensor([tokens[-1:]]), past_key_values=out.past_key_values, use_cache=True)
+            tokens.append(int(out.logits[0, -1].argmax()))
+    cache = out.past_key_values
+    assert cache.seen_tokens == embeds.shape[1] + 15
+    assert cache.get_seq_length(0) == embeds.shape[1] + 15 > cache.get_seq_length(5)  # pruned layers hold less
+    assert tokens == _greedy_without_cache(model, embeds, spatial, 16)
+
+
+def _left_padded(model, counts):
+    """Two LLaVA-3D samples (different spatial and prompt lengths), alone and left-padded into one batch."""
+    samples = [llava3d_inputs(model, make_prompt(prompt=p, seed=s), n, seed=s) for n, p, s in counts]
+    length = max(e.shape[1] for e, _ in samples)
+    embeds = torch.zeros(len(samples), length, samples[0][0].shape[-1])
+    spatial = torch.zeros(len(samples), length, dtype=torch.bool)
+    mask = torch.zeros(len(samples), length, dtype=torch.long)
+    for i, (e, s) in enumerate(samples):
+        embeds[i, length - e.shape[1]:], spatial[i, length - e.shape[1]:], mask[i, length - e.shape[1]:] = e[0], s[0], 1
+    return samples, embeds, spatial, mask
+
+
+@pytest.mark.parametrize("method,params", PRUNING[1:3])
+def test_padded_batch_equals_samples_alone(method, params, attn):
+    model = build_model(attn)
+    adatoken.prune(model, method, **params)
+    samples, embeds, spatial, mask = _left_padded(model, [(NUM_SPATIAL, 10, 1), (170, 6, 2)])
+    alone, alone_counts = [], []
+    for e, s in samples:
+        alone.append(forward(model, e, s).logits[0, -1])
+        alone_counts.append([layer[0] for layer in adatoken.last_stats(model).spatial_in])
+    positions = (mask.cumsum(1) - 1).clamp(min=0)  # as generate (and LLaVA-3D with left padding) numbers them
+    batched = forward(model, embeds, spatial, attention_mask=mask, position_ids=positions).logits[:, -1]
+    for b in range(2):
+        torch.testing.assert_close(batched[b], alone[b], atol=1e-4, rtol=0)
+    stats = adatoken.last_stats(model)
+    assert [[layer[b] for layer in stats.spatial_in] for b in range(2)] == alone_counts
+
+
+def test_padded_batch_generate_equals_samples_alone(attn):
+    model = build_model(attn)
+    adatoken.prune(model, "adatoken3d", retention=0.4)
+    samples, embeds, spatial, mask = _left_padded(model, [(NUM_SPATIAL, 10, 1), (170, 6, 2)])
+    settings = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+    alone = []
+    for e, s in samples:
+        with torch.no_grad(), adatoken.spatial_tokens(model, s):
+            alone.append(model.generate(inputs_embeds=e, attention_mask=torch.ones(s.shape, dtype=torch.long),
+                                        **settings)[0, -8:].tolist())
+    with torch.no_grad(), adatoken.spatial_tokens(model, spatial):
+        batched = model.generate(inputs_embeds=embeds, attention_mask=mask, **settings)[:, -8:].tolist()
+    assert batched == alone
+
+
+@pytest.mark.slow
+def test_full_scene_of_2560_spatial_tokens():
+    """LLaVA-3D's cap: 2,560 spatial tokens, positions far beyond what a pruned layer's cache holds."""
+    model = build_model("sdpa")
+    adatoken.prune(model, "adatoken3d", retention=0.4)
+    embeds, spatial = llava3d_inputs(model, make_prompt(system=35, prompt=20), 2560)
+    with torch.no_grad(), adatoken.spatial_tokens(model, spatial):
+        generated = model.generate(inputs_embeds=embeds, attention_mask=torch.ones(spatial.shape, dtype=torch.long),
+                                   max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0)
+    counts = [layer[0] for layer in adatoken.last_stats(model).spatial_in]
+    assert counts == get_state(model).schedule.counts(2560) and counts[-1] < 2560 // 2
+    assert generated[0, -16:].tolist() == _greedy_without_cache(model, embeds, spatial, 16)
