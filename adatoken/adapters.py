@@ -79,11 +79,6 @@ class Adapter:
     spatial_token_ids: tuple[int, ...]
 
     @property
-    def image_token_id(self) -> int | None:
-        """The image token alone (the flow analysis reads images only); spatial_token_ids has videos too."""
-        return self.spatial_token_ids[0] if self.spatial_token_ids else None
-
-    @property
     def num_layers(self) -> int:
         return len(self.layers)
 

@@ -225,9 +225,13 @@ class _FlowHooks:
         x = adapter.input_norm(idx)(hidden).float()
         q = torch.nn.functional.linear(x, w_q.float(), None if b_q is None else b_q.float())
         k = torch.nn.functional.linear(x, w_k.float(), None if b_k is None else b_k.float())
+        q, k = (t.view(batch, length, -1, adapter.head_dim) for t in (q, k))
+        q_norm, k_norm = adapter.qk_norms(idx)  # Qwen3-style per-head norms come before RoPE
+        q = q if q_norm is None else q_norm(q)
+        k = k if k_norm is None else k_norm(k)
         cos, sin = (t.float()[:, None] for t in position_embeddings)
-        q = apply_rope(q.view(batch, length, -1, adapter.head_dim).transpose(1, 2), cos, sin)
-        k = apply_rope(k.view(batch, length, -1, adapter.head_dim).transpose(1, 2), cos, sin)
+        q = apply_rope(q.transpose(1, 2), cos, sin)
+        k = apply_rope(k.transpose(1, 2), cos, sin)
 
         sums = torch.zeros(batch, len(GROUPS), len(GROUPS), dtype=torch.float64, device=hidden.device)
         lambda_sums = torch.zeros(batch, length, dtype=torch.float32, device=hidden.device)
@@ -392,8 +396,8 @@ def _sample_layout(adapter: adapters.Adapter, sample: FlowSample) -> TokenLayout
     device = reference.device
     if sample.spatial_mask is not None:
         spatial = check_spatial_mask(sample.spatial_mask, (batch, length)).to(device)
-    elif adapter.image_token_id is not None and inputs.get("input_ids") is not None:
-        spatial = spatial_mask_from_ids(inputs["input_ids"], adapter.image_token_id)
+    elif adapter.spatial_token_ids and inputs.get("input_ids") is not None:
+        spatial = spatial_mask_from_ids(inputs["input_ids"], adapter.spatial_token_ids)
     else:
         raise ValueError("this FlowSample has no spatial_mask and the model has no image token id to find the "
                          "spatial tokens by: pass spatial_mask, a bool [batch, seq] tensor")

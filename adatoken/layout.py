@@ -48,8 +48,12 @@ class TokenLayout:
         return ids
 
 
-def spatial_mask_from_ids(input_ids: torch.Tensor, token_id: int) -> torch.Tensor:
-    return input_ids == token_id
+def spatial_mask_from_ids(input_ids: torch.Tensor, token_ids: tuple[int, ...]) -> torch.Tensor:
+    """True where the input holds one of the spatial token ids (image and video placeholders)."""
+    spatial = input_ids == token_ids[0]
+    for token_id in token_ids[1:]:  # compared one by one, so no id table is copied to the device
+        spatial |= input_ids == token_id
+    return spatial
 
 
 def check_spatial_mask(mask: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:

@@ -28,7 +28,7 @@ from torch import nn
 
 from adatoken import adapters
 from adatoken.config import PruneConfig
-from adatoken.layout import TokenLayout, check_spatial_mask
+from adatoken.layout import TokenLayout, check_spatial_mask, spatial_mask_from_ids
 from adatoken.methods import RankContext
 from adatoken.schedule import Schedule
 
@@ -199,10 +199,7 @@ class PruneState:
         input_ids = self.call_inputs.get("input_ids")
         token_ids = self.adapter.spatial_token_ids
         if token_ids and input_ids is not None and tuple(input_ids.shape) == (batch, length):
-            spatial = input_ids == token_ids[0]
-            for token_id in token_ids[1:]:  # videos: compared one by one, so no id table is copied to the device
-                spatial |= input_ids == token_id
-            return spatial.to(device)
+            return spatial_mask_from_ids(input_ids, token_ids).to(device)
         return torch.zeros(batch, length, dtype=torch.bool, device=device)  # no spatial tokens: runs unpruned
 
     def _query_positions(self, batch: int, length: int, device) -> torch.Tensor | None:

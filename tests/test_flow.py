@@ -68,7 +68,7 @@ def _reference_from_eager(model, sample):
     return np.array(mass), np.stack(lam)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
 def test_chunked_recomputation_equals_eager_attention(family):
     eager = build_model(family, "eager")
     sample = _sample(eager, family)
