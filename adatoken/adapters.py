@@ -108,6 +108,14 @@ class Adapter:
     def input_norm(self, layer_idx: int) -> nn.Module:
         return self.layers[layer_idx].input_layernorm
 
+    def rms_norm(self, layer_idx: int) -> tuple[torch.Tensor, float] | None:
+        """(weight, eps) when the input norm is a plain RMSNorm (x / rms(x) · weight), so the ranking can fold it."""
+        norm = self.input_norm(layer_idx)
+        eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+        if not type(norm).__name__.endswith("RMSNorm") or eps is None or getattr(norm, "weight", None) is None:
+            return None
+        return norm.weight, float(eps)
+
     def qk_weights(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
         """(W_q, b_q, W_k, b_k) of a layer's attention, W as [out, hidden]."""
         attn = self.layers[layer_idx].self_attn

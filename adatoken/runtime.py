@@ -242,7 +242,8 @@ class PruneState:
         positions = index
         real = run.layout.real.gather(1, index) & slot_ok
         ctx = RankContext(
-            layer_idx=idx, hidden=hidden, normed=self.adapter.input_norm(idx)(hidden), candidates=run.alive,
+            layer_idx=idx, hidden=hidden, input_norm=self.adapter.input_norm(idx),
+            rms_norm=self.adapter.rms_norm(idx), candidates=run.alive,
             valid=real, positions=positions, cos=cos, sin=sin,
             query_slot=(index == run.layout.prompt_end[:, None]).to(torch.int8).argmax(1),
             spatial_ordinal=run.spatial_ordinal.gather(1, index), num_spatial=run.counts[0],
@@ -262,14 +263,20 @@ class PruneState:
             new_length = max(slots)
             # kept slots first, in their original order; the rest of each row is filler
             key = torch.where(keep, 0, length) + torch.arange(length, device=device)
-            rel = key.argsort(dim=1)[:, :new_length]
+            order = key.argsort(dim=1)
+            rel = order[:, :new_length]
             new_slot_ok = None
             if min(slots) < new_length:
                 slots_t = torch.tensor(slots, device=device)
                 filler = torch.arange(new_length, device=device)[None] >= slots_t[:, None]
                 rel = torch.where(filler, rel.gather(1, (slots_t - 1)[:, None]), rel)
                 new_slot_ok = ~filler
-        self._write_back(run, hidden)
+            # right after each row's kept slots come the tokens dropped here (fillers, if any, sort last)
+            dropped = [a - t for a, t in zip(alive_counts, target)]
+            columns = torch.tensor(slots, device=device)[:, None] + torch.arange(max(dropped), device=device)[None]
+            dropped_rel = order.gather(1, columns.clamp(max=length - 1))
+            dropped_ok = torch.arange(max(dropped), device=device)[None] < torch.tensor(dropped, device=device)[:, None]
+        self._record(run, index.gather(1, dropped_rel), dropped_ok, _gather_tokens(hidden, dropped_rel))
         run.index = index.gather(1, rel)
         run.slot_ok = new_slot_ok
         run.alive = run.alive.gather(1, rel) if new_slot_ok is None else run.alive.gather(1, rel) & new_slot_ok
@@ -277,18 +284,23 @@ class PruneState:
         return _gather_tokens(hidden, rel)
 
     def _write_back(self, run: Pass, hidden: torch.Tensor) -> torch.Tensor:
-        """Record the hidden state of every real slot in the full-length buffer; return the buffer."""
-        batch, length, dim = hidden.shape[0], run.layout.spatial.shape[1], hidden.shape[-1]
+        """Record the hidden state of every token in the current sequence; return the full-length buffer."""
+        return self._record(run, run.index, run.slot_ok, hidden)
+
+    def _record(self, run: Pass, positions: torch.Tensor, ok: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
+        """Write `rows` [B, n, D] at original `positions` [B, n] of the buffer (where `ok`); return it.
+
+        Every token is written when it is dropped or, if it survives, when the sequence is restored,
+        so the buffer starts empty. Row S is scratch: rows that are not `ok` go there.
+        """
+        length = run.layout.spatial.shape[1]
         if run.buffer is None:
-            # first pruning: the input is still full length and in order
-            run.buffer = torch.cat((hidden, hidden.new_zeros(batch, 1, dim)), dim=1)
-            return run.buffer
-        target = run.index if run.slot_ok is None else run.index.masked_fill(~run.slot_ok, length)
-        target = target[..., None].expand(-1, -1, dim)
-        if torch.is_grad_enabled() and hidden.requires_grad or self.call_inputs.get("hidden_states_out"):
-            run.buffer = run.buffer.scatter(1, target, hidden)  # out of place: autograd / captured outputs
+            run.buffer = rows.new_empty(rows.shape[0], length + 1, rows.shape[-1])
+        target = (positions if ok is None else positions.masked_fill(~ok, length))[..., None].expand_as(rows)
+        if torch.is_grad_enabled() and rows.requires_grad or self.call_inputs.get("hidden_states_out"):
+            run.buffer = run.buffer.scatter(1, target, rows)  # out of place: autograd / captured outputs
         else:
-            run.buffer.scatter_(1, target, hidden)
+            run.buffer.scatter_(1, target, rows)
         return run.buffer
 
     def _sliced(self, run: Pass, kwargs: dict) -> dict:

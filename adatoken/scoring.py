@@ -34,13 +34,16 @@ def project_heads(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, head
 def query_key_scores(query_hidden: torch.Tensor, key_hidden: torch.Tensor,
                      w_q: torch.Tensor, b_q: torch.Tensor | None, w_k: torch.Tensor, b_k: torch.Tensor | None,
                      cos_q: torch.Tensor, sin_q: torch.Tensor, cos_k: torch.Tensor, sin_k: torch.Tensor,
-                     num_heads: int, num_kv_heads: int, q_norm=None, k_norm=None) -> torch.Tensor:
+                     num_heads: int, num_kv_heads: int, q_norm=None, k_norm=None,
+                     key_rms_norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
     """Σ_heads q_t · k_j for every key token j, without materialising the keys where it can.
 
     query_hidden [B, D] and key_hidden [B, N, D] are the layer's *normed* inputs; cos/sin are the
     rotary tables at the query's [B, hd] and keys' [B, N, hd] original positions (per token, so
     Qwen2-VL's multimodal RoPE, whose sections the decoder has already assembled, needs nothing
     more). q_norm/k_norm are per-head norms applied before RoPE (Qwen3), or None. Returns [B, N] fp32.
+    With `key_rms_norm` = (weight, eps), key_hidden is the *raw* input and the RMSNorm is folded in too:
+    its weight into the folded matrix, its 1/rms(x_j) as a per-token scale (one reduction over x_j).
 
     Why it is cheap: with rotate-half RoPE, pair i of a head (dims i and i+h, h = hd/2) contributes
     cos_ji·(u_i k_i + u_{i+h} k_{i+h}) + sin_ji·(u_{i+h} k_i − u_i k_{i+h}), where u is the rotated
@@ -70,7 +73,13 @@ def query_key_scores(query_hidden: torch.Tensor, key_hidden: torch.Tensor,
     w_pairs = w_k.view(num_kv_heads, 2, half, hidden).permute(2, 1, 0, 3).reshape(half, 2 * num_kv_heads, hidden)
     folded = torch.bmm(rows, w_pairs.to(f32))                                         # [h, 2B, D]
     folded = torch.cat((folded[:, :batch], folded[:, batch:]), 0).transpose(0, 1)     # [B, hd, D]
-    proj = torch.bmm(key_hidden.to(f32), folded.transpose(1, 2))         # [B, N, hd]
+    if key_rms_norm is not None:
+        weight, eps = key_rms_norm
+        folded = folded * weight.to(f32)
+    proj = torch.bmm(key_hidden.to(f32), folded.transpose(1, 2))                      # [B, N, hd]
+    if key_rms_norm is not None:
+        mean_square = torch.linalg.vector_norm(key_hidden, dim=-1, dtype=f32).square() / hidden
+        proj = proj * torch.rsqrt(mean_square + eps)[..., None]
     if b_k is not None:  # the bias is a constant input: the same fold, applied to it
         bias_pairs = b_k.to(f32).view(num_kv_heads, 2, half).permute(2, 1, 0).reshape(half, 2 * num_kv_heads, 1)
         bias = torch.bmm(rows, bias_pairs)[..., 0]                                    # [h, 2B]

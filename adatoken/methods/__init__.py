@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from functools import cached_property
 from typing import ClassVar
 
 import torch
@@ -28,7 +29,8 @@ class RankContext:
 
     layer_idx: int
     hidden: torch.Tensor         # the layer's input hidden states
-    normed: torch.Tensor         # input_layernorm(hidden), as the layer's attention will see it
+    input_norm: torch.nn.Module  # the layer's input norm (see `normed`)
+    rms_norm: tuple | None       # (weight, eps) when input_norm is a plain RMSNorm the ranking may fold
     candidates: torch.Tensor     # bool: spatial tokens still alive (the ones that may be dropped)
     valid: torch.Tensor          # bool: real tokens (not padding, not filler slots)
     positions: torch.Tensor      # original positions (for causality and RoPE)
@@ -42,6 +44,11 @@ class RankContext:
     num_heads: int
     num_kv_heads: int
     scaling: float
+
+    @cached_property
+    def normed(self) -> torch.Tensor:
+        """input_norm(hidden), as the layer's attention will see it (computed on first use)."""
+        return self.input_norm(self.hidden)
 
 
 class Method:

@@ -7,6 +7,8 @@ Tokens entering layer i: λ^(number of stage-end layers ≤ i). Defaults: stage 
 """
 from dataclasses import dataclass
 
+import torch
+
 from adatoken import scoring
 from adatoken.methods import Method, RankContext, check_fraction, check_layer, register
 from adatoken.schedule import Schedule
@@ -70,10 +72,13 @@ class PyramidDrop(Method):
 
 def query_key_score(ctx: RankContext):
     """V_j = Q_t · K_jᵀ (summed over heads) of the last instruction token t against every token j."""
-    batch = ctx.normed.shape[0]
-    rows = ctx.query_slot
-    pick = lambda t: t[range(batch), rows]  # noqa: E731  [B, ...] at the query slot
+    rows = torch.arange(ctx.hidden.shape[0], device=ctx.hidden.device), ctx.query_slot
     w_q, b_q, w_k, b_k = ctx.qk_weights
-    return scoring.query_key_scores(pick(ctx.normed), ctx.normed, w_q, b_q, w_k, b_k,
-                                    pick(ctx.cos), pick(ctx.sin), ctx.cos, ctx.sin, ctx.num_heads, ctx.num_kv_heads,
-                                    *ctx.qk_norms)
+    q_norm, k_norm = ctx.qk_norms
+    query = ctx.input_norm(ctx.hidden[rows])
+    # Fold the input RMSNorm into the ranking unless a k-norm (Qwen3) needs the normed keys themselves.
+    fold_norm = ctx.rms_norm is not None and k_norm is None
+    keys = ctx.hidden if fold_norm else ctx.normed
+    return scoring.query_key_scores(query, keys, w_q, b_q, w_k, b_k, ctx.cos[rows], ctx.sin[rows], ctx.cos, ctx.sin,
+                                    ctx.num_heads, ctx.num_kv_heads, q_norm, k_norm,
+                                    key_rms_norm=ctx.rms_norm if fold_norm else None)
