@@ -211,6 +211,63 @@ def summarize(setup: Setup, states, samples, skipped) -> list[dict]:
     return rows
 
 
+# ----- batched throughput: pruning leaves memory for more sequences ---------------------------------
+def generation_peak_bytes(setup: Setup, new_tokens: int) -> int:
+    """Peak memory one `generate` adds: CUDA's allocator peak, or on CPU the resident-set peak
+    (Linux VmHWM, reset through /proc/self/clear_refs after returning freed heap with malloc_trim)."""
+    model, device = setup.model, setup.device
+    run = lambda: model.generate(**setup.inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens,  # noqa: E731
+                                 do_sample=False, pad_token_id=0)
+    with torch.inference_mode(), adatoken.spatial_tokens(model, setup.spatial):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            run()
+            return torch.cuda.max_memory_allocated() - before
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")
+        before = _resident_bytes("VmRSS")
+        run()
+        return _resident_bytes("VmHWM") - before
+
+
+def _resident_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def throughput(model, configs: dict[str, dict], budget_bytes: int, spatial: int, text: int, new_tokens: int,
+               device: str, max_batch: int = 256) -> list[dict]:
+    """Per config: the largest batch whose generation fits `budget_bytes`, and its tokens/s there.
+
+    The footprint is measured at batch 1 and 2 and is linear in the batch (KV cache and activations
+    per sequence), so the largest batch is (budget − fixed) / per-sequence; it is then run once to
+    confirm it fits and to time it.
+    """
+    rows = []
+    for name, cfg in configs.items():
+        try:
+            adatoken.prune(model, **cfg)
+        except ValueError as err:
+            rows.append({"config": name, "skipped": str(err)})
+            continue
+        one, two = (generation_peak_bytes(build_setup(model, b, spatial, text, device), new_tokens) for b in (1, 2))
+        per_sequence = max(two - one, 1)
+        batch = int(min(max_batch, max(1, (budget_bytes - (one - per_sequence)) // per_sequence)))
+        setup = build_setup(model, batch, spatial, text, device)
+        peak = generation_peak_bytes(setup, new_tokens)
+        sample = measure_once(setup, new_tokens)
+        rows.append({"config": name, "batch": batch, "per_sequence_bytes": per_sequence, "peak_bytes": peak,
+                     "fits": peak <= budget_bytes, "e2e_s": sample["e2e_s"],
+                     "tokens_per_s": batch * new_tokens / sample["e2e_s"]})
+    adatoken.unprune(model)
+    return rows
+
+
 def markdown(result: dict) -> str:
     lines = [f"{result['shape']} · {result['device_name']} · {result['dtype']} · batch {result['batch']} · "
              f"{result['spatial_tokens']} spatial + {result['text_tokens']} text tokens · {result['new_tokens']} new tokens · "
@@ -254,6 +311,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds after one warm-up round")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--out", help="write JSON here (and the Markdown table beside it, .md)")
+    parser.add_argument("--throughput", action="store_true",
+                        help="instead: tokens/s at the largest batch that fits --memory-budget-gb, per method at "
+                             "the first --retentions value (pruned sequences need less memory, so more fit)")
+    parser.add_argument("--memory-budget-gb", type=float,
+                        help="memory for generation beyond the weights (default: 90%% of the free GPU memory; "
+                             "required on CPU)")
 
 
 def run(args) -> int:
@@ -263,6 +326,8 @@ def run(args) -> int:
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
     torch.manual_seed(0)
     model = build_model(args.shape, args.config, args.device, dtype)
+    if args.throughput:
+        return run_throughput(args, model, dtype)
     configs = configurations(args.methods, args.retentions)
     results = []
     with tqdm(total=len(args.batch) * len(configs) * (args.repeats + 1), desc="bench", unit="run") as progress:
@@ -280,5 +345,34 @@ def run(args) -> int:
     print(text)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+        Path(args.out).with_suffix(".md").write_text(text)
+    return 0
+
+
+def run_throughput(args, model, dtype) -> int:
+    if args.memory_budget_gb is None:
+        if not args.device.startswith("cuda"):
+            raise SystemExit("--throughput on the CPU needs --memory-budget-gb (how much memory generation may use)")
+        budget = int(0.9 * torch.cuda.mem_get_info()[0])
+    else:
+        budget = int(args.memory_budget_gb * 2 ** 30)
+    configs = configurations(args.methods, args.retentions[:1])
+    rows = throughput(model, configs, budget, args.spatial, args.text, max(args.new_tokens, 1), args.device)
+    base = next(r for r in rows if r["config"] == "none")
+    lines = [f"throughput · {args.config or args.shape} · {args.device} · {str(dtype).removeprefix('torch.')} · "
+             f"budget {budget / 2 ** 30:.1f} GiB · {args.spatial} spatial + {args.text} text · {args.new_tokens} new tokens",
+             "", "| config | largest batch | MiB per sequence | peak GiB | tokens/s | vs none |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        if "skipped" in r:
+            lines.append(f"| {r['config']} | skipped: {r['skipped']} | | | | |")
+            continue
+        lines.append(f"| {r['config']} | {r['batch']} | {r['per_sequence_bytes'] / 2 ** 20:.1f} | "
+                     f"{r['peak_bytes'] / 2 ** 30:.2f} | {r['tokens_per_s']:.1f} | "
+                     f"{r['tokens_per_s'] / base['tokens_per_s']:.2f} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        Path(args.out).write_text(json.dumps({"budget_bytes": budget, "shape": args.config or args.shape,
+                                              "device": args.device, "rows": rows}, indent=2) + "\n")
         Path(args.out).with_suffix(".md").write_text(text)
     return 0
