@@ -3,7 +3,10 @@ stage's image tokens, ranked by the last instruction token's query against the i
 
 Tokens entering layer i: λ^(number of stage-end layers ≤ i). Defaults: stage ends at 1/4, 1/2 and
 3/4 of the depth (8, 16, 24 on a 32-layer model, as the paper uses for LLaVA) and λ = 0.5. Given
-`retention` instead of `ratio`, λ is solved by bisection (the mean keep is increasing in λ).
+`retention` instead of `ratio`, λ is solved by bisection (the mean keep is increasing in λ). Those
+stages cannot go below a mean retention of 1/4 (the first quarter keeps everything), so for a lower
+budget without explicit `layers` the stages start at layer 2, where FastV prunes, and split the rest
+of the depth in three; the schedule's meta records the stages used.
 """
 from dataclasses import dataclass
 
@@ -40,6 +43,9 @@ class PyramidDrop(Method):
 
     def stage_layers(self, num_layers: int) -> tuple[int, ...]:
         layers = self.config.layers or tuple(sorted({max(1, round(num_layers * f)) for f in (0.25, 0.5, 0.75)}))
+        low_budget = self.config.retention is not None and self.config.retention < layers[0] / num_layers
+        if self.config.layers is None and low_budget and num_layers > 2:
+            layers = tuple(sorted({min(num_layers - 1, 2 + round((num_layers - 2) * f)) for f in (0, 1 / 3, 2 / 3)}))
         for layer in layers:
             check_layer("pdrop stage layer", layer, num_layers)
         return layers
