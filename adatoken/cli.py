@@ -12,6 +12,7 @@ COMMAND_MODULES = [
     "adatoken.bench",
     "adatoken.calibrate_cli",
     "adatoken.eval.cli",
+    "adatoken.testbed.cli",
 ]
 
 

@@ -1,0 +1,85 @@
+"""`adatoken testbed train|eval`: train the embedded 3D scene-QA model, or measure its accuracy.
+
+Heavy imports happen inside the commands, so `adatoken --help` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("testbed", help="the embedded 3D scene-QA testbed model: train or evaluate it",
+                                   description=__doc__)
+    commands = parser.add_subparsers(dest="testbed_command", metavar="SUBCOMMAND", required=True)
+
+    train = commands.add_parser("train", help="train the testbed from scratch on CPU (resumes from --out)")
+    train.add_argument("--out", default="runs/testbed",
+                       help="run folder: resumable state.pt, train_log.jsonl, and the final model in <out>/model "
+                            "(default: %(default)s); re-running with the same settings resumes")
+    train.add_argument("--export", default=None,
+                       help="write the final model folder here instead of <out>/model, e.g. "
+                            "adatoken/testbed/checkpoint to replace the shipped one")
+    train.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the data order (default: 0)")
+    train.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the shipped recipe's, see train.TrainConfig)")
+    train.add_argument("--batch-size", type=int, default=None, help="dialogues (scenes) per step (default: recipe's)")
+    train.add_argument("--per-type", type=int, default=None, help="questions of each type per dialogue (default: recipe's)")
+    train.add_argument("--lr", type=float, default=None, help="peak learning rate (default: recipe's)")
+    train.add_argument("--checkpoint-every", type=int, default=None, help="steps between resumable checkpoints")
+    train.add_argument("--eval-every", type=int, default=None, help="steps between calib accuracy checks (0: never)")
+    train.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.set_defaults(func=_train)
+
+    ev = commands.add_parser("eval", help="exact-match accuracy of greedy answers, overall and per question type")
+    ev.add_argument("--checkpoint", default=None, help="model folder (default: the checkpoint shipped in the package)")
+    ev.add_argument("--split", default="test", choices=["test", "calib", "train"], help="(default: %(default)s)")
+    ev.add_argument("--num-scenes", type=int, default=None, help="only the first N scenes of the split (default: all; "
+                                                                  "the train split needs it)")
+    ev.add_argument("--limit", type=int, default=None, help="only the first N questions")
+    ev.add_argument("--batch-size", type=int, default=32, help="questions per generate call (default: %(default)s)")
+    ev.add_argument("--max-new-tokens", type=int, default=8, help="(default: %(default)s)")
+    ev.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
+    ev.add_argument("--answers", default=None, help="write one JSON line per question (prediction, correct) here")
+    ev.add_argument("--json", default=None, help="write the accuracy summary as JSON here")
+    ev.add_argument("--quiet", action="store_true", help="no progress bar")
+    ev.set_defaults(func=_eval)
+
+
+def _positive(name: str, value: int | None) -> None:
+    if value is not None and value <= 0:
+        raise SystemExit(f"error: {name} must be a positive integer, got {value}")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from adatoken.testbed.train import TrainConfig, train
+
+    for name in ("steps", "batch_size", "per_type", "threads"):
+        _positive("--" + name.replace("_", "-"), getattr(args, name))
+    overrides = {k: getattr(args, k) for k in ("steps", "batch_size", "per_type", "lr", "checkpoint_every", "eval_every")
+                 if getattr(args, k) is not None}
+    cfg = TrainConfig(**overrides, out=args.out, seed=args.seed, threads=args.threads, export=args.export)
+    train(cfg, progress=not args.quiet)
+    print(f"model written to {cfg.export or cfg.out + '/model'}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from adatoken.testbed.data import load_split
+    from adatoken.testbed.evaluation import evaluate, format_table
+    from adatoken.testbed.model import load
+
+    for name in ("num_scenes", "limit", "batch_size", "max_new_tokens", "threads"):
+        _positive("--" + name.replace("_", "-"), getattr(args, name))
+    torch.set_num_threads(args.threads)
+    model = load(args.checkpoint)
+    samples = load_split(args.split, num_scenes=args.num_scenes, cfg=model.spatial_config)[: args.limit]
+    result = evaluate(model, samples, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                      answers_path=args.answers, progress=not args.quiet)
+    print(format_table(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"split": args.split, "checkpoint": args.checkpoint or "shipped", **result}, f, indent=2)
+    return 0

@@ -1,0 +1,220 @@
+"""The testbed model: a spatial encoder feeding a plain `transformers.LlamaForCausalLM` through inputs_embeds.
+
+Layout of every sequence, as in LLaVA-3D: `<s> system prompt | spatial tokens | USER: question ASSISTANT:`
+then the answer. The encoder is LLaVA-3D's learned half: a linear projection of the pooled patch
+feature plus a 2-layer MLP embedding of the pooled 3D point. The LLM is an ordinary Hugging Face
+decoder, so pruning hooks and `generate` treat it like any LLaVA-style model.
+
+Checkpoint folder (flat): config.json, generation_config.json, model.safetensors (the LLM, via
+save_pretrained), encoder.safetensors, tokenizer.json, testbed.json (encoder and spatial settings).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from adatoken.testbed.scenes import CLASS_NAMES, COLOURS
+from adatoken.testbed.spatial import SURFACE_CLASSES, SpatialConfig, SpatialTokens, spatial_codes, spatial_tokens_for_seed
+from adatoken.testbed.tokenizer import build_tokenizer, dialogue_ids, load_tokenizer, system_ids
+
+SHIPPED_CHECKPOINT = Path(__file__).parent / "checkpoint"
+POSITION_CENTRE, POSITION_SCALE = 2.5, 2.0  # metres: rooms span about 0..7 m, so MLP inputs sit near [-1, 2]
+# Word embeddings start at unit scale per component (not Llama's 0.02): in a small model trained from scratch,
+# 0.02 makes every token's own embedding smaller than the first attention layer's update, so the question
+# words are washed out by the average of hundreds of spatial tokens and the model learns slowly, if at all.
+# The LM head is untied and keeps the small init, so the first logits are near uniform.
+WORD_EMBED_STD = 1.0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    hidden_size: int = 256
+    num_layers: int = 6
+    num_heads: int = 8
+    intermediate_size: int = 768
+    position_hidden: int = 128  # width of the 3D position MLP
+    aligned_projector: bool = True  # start the projector at stage-1 alignment (see align_projector)
+
+    def llama_config(self, tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
+        return LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_layers, num_attention_heads=self.num_heads,
+            num_key_value_heads=self.num_heads, max_position_embeddings=1024, tie_word_embeddings=False,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, attn_implementation="sdpa",
+        )
+
+
+class SpatialEncoder(nn.Module):
+    """Pooled patch feature -> LLM embedding: linear projection + learned 3D position embedding (LLaVA-3D),
+    RMS-normalised so spatial tokens enter the decoder at the scale of word embeddings (see WORD_EMBED_STD)."""
+
+    def __init__(self, feature_dim: int, hidden_size: int, position_hidden: int):
+        super().__init__()
+        self.feature_proj = nn.Linear(feature_dim, hidden_size)
+        self.position_mlp = nn.Sequential(nn.Linear(3, position_hidden), nn.ReLU(), nn.Linear(position_hidden, hidden_size))
+        self.norm = nn.RMSNorm(hidden_size)
+        # The position embedding starts at zero and grows as training finds use for it, so early on a token
+        # is what it shows (class, colour), not a random position vector of the same size.
+        nn.init.zeros_(self.position_mlp[-1].weight)
+        nn.init.zeros_(self.position_mlp[-1].bias)
+
+    def forward(self, features: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.feature_proj(features) + self.position_mlp((points - POSITION_CENTRE) / POSITION_SCALE))
+
+
+@torch.no_grad()
+def align_projector(encoder: SpatialEncoder, llm: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast,
+                    spatial_config: SpatialConfig) -> None:
+    """Set the feature projection to the least-squares map from each class and colour code of the simulated
+    vision encoder to the word embedding of its name (floor/wall/ceiling and parts map to zero).
+
+    LLaVA trains its projector first, alone, to put visual features where the LLM's words are (stage-1
+    alignment) and starts from a pretrained LLM. A from-scratch model on a CPU budget cannot afford either, and
+    without them it spends thousands of steps before attention finds the tokens that match a question word.
+    Starting where stage-1 alignment ends lets one generic "match the word, copy the attribute" circuit serve
+    every class and colour; all weights are still trained afterwards."""
+    codes = spatial_codes(spatial_config)
+    embed = llm.get_input_embeddings().weight
+    word = lambda name: embed[tokenizer.convert_tokens_to_ids(name)]  # noqa: E731
+    zero = torch.zeros_like(embed[0])
+    sources = [codes["class"], codes["colour"], codes["part"]]
+    targets = [word(c) if c in CLASS_NAMES else zero for c in SURFACE_CLASSES] + [word(c) for c in COLOURS]
+    targets += [zero] * len(codes["part"])
+    source = torch.from_numpy(np.concatenate(sources)).float()  # [num_codes, feature_dim]
+    target = torch.stack(targets)  # [num_codes, hidden]
+    encoder.feature_proj.weight.copy_((torch.linalg.pinv(source) @ target).T)
+    encoder.feature_proj.bias.zero_()
+
+
+class TestbedModel(nn.Module):
+    """The testbed 3D LMM. `.llm` is the LlamaForCausalLM, `.encoder` the spatial encoder, `.tokenizer` the
+    word-level tokenizer. Samples are anything with `scene_seed` and `question` (e.g. data.QASample)."""
+
+    def __init__(self, llm: LlamaForCausalLM, encoder: SpatialEncoder, tokenizer: PreTrainedTokenizerFast,
+                 model_config: ModelConfig, spatial_config: SpatialConfig):
+        super().__init__()
+        self.llm, self.encoder, self.tokenizer = llm, encoder, tokenizer
+        self.model_config, self.spatial_config = model_config, spatial_config
+
+    @classmethod
+    def create(cls, model_config: ModelConfig = ModelConfig(), spatial_config: SpatialConfig = SpatialConfig(),
+               seed: int = 0) -> "TestbedModel":
+        """A freshly initialised (untrained) model; weights depend only on `seed`."""
+        torch.manual_seed(seed)
+        tokenizer = build_tokenizer()
+        llm = LlamaForCausalLM(model_config.llama_config(tokenizer))
+        nn.init.normal_(llm.get_input_embeddings().weight, std=WORD_EMBED_STD)
+        encoder = SpatialEncoder(spatial_config.feature_dim, model_config.hidden_size, model_config.position_hidden)
+        if model_config.aligned_projector:
+            align_projector(encoder, llm, tokenizer, spatial_config)
+        return cls(llm, encoder, tokenizer, model_config, spatial_config)
+
+    def spatial_tokens(self, sample) -> SpatialTokens:
+        return spatial_tokens_for_seed(sample.scene_seed, self.spatial_config)
+
+    def embed(self, spatial: Sequence[SpatialTokens], dialogues: Sequence[list[int]],
+              answer_flags: Sequence[list[bool]] | None = None, padding_side: str = "left") -> dict[str, torch.Tensor]:
+        """Embed `system | spatial | dialogue` per sample and pad to one length. With `answer_flags`, also
+        returns `labels` (dialogue ids where the flag is set, -100 elsewhere) for training."""
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        embed_tokens = self.llm.get_input_embeddings()
+        device = embed_tokens.weight.device
+        system = embed_tokens(torch.tensor(system_ids(self.tokenizer), device=device))
+        rows, spatial_rows, label_rows = [], [], []
+        for i, (tokens, dialogue) in enumerate(zip(spatial, dialogues, strict=True)):
+            features = torch.from_numpy(tokens.features).to(device)
+            points = torch.from_numpy(tokens.points).to(device)
+            text = embed_tokens(torch.tensor(dialogue, device=device))
+            rows.append(torch.cat([system, self.encoder(features, points), text]))
+            spatial_rows.append([False] * len(system) + [True] * len(tokens) + [False] * len(dialogue))
+            if answer_flags is not None:
+                labels = [t if flag else -100 for t, flag in zip(dialogue, answer_flags[i], strict=True)]
+                label_rows.append([-100] * (len(system) + len(tokens)) + labels)
+        length = max(len(r) for r in rows)
+        batch, hidden = len(rows), rows[0].shape[1]
+        inputs_embeds = rows[0].new_zeros(batch, length, hidden)
+        attention_mask = torch.zeros(batch, length, dtype=torch.long, device=device)
+        spatial_mask = torch.zeros(batch, length, dtype=torch.bool, device=device)
+        labels = torch.full((batch, length), -100, dtype=torch.long, device=device)
+        for b, row in enumerate(rows):
+            span = slice(length - len(row), length) if padding_side == "left" else slice(0, len(row))
+            inputs_embeds[b, span] = row
+            attention_mask[b, span] = 1
+            spatial_mask[b, span] = torch.tensor(spatial_rows[b], device=device)
+            if answer_flags is not None:
+                labels[b, span] = torch.tensor(label_rows[b], device=device)
+        out = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask, "spatial_mask": spatial_mask}
+        if answer_flags is not None:
+            out["labels"] = labels
+        return out
+
+    def build_inputs(self, samples: Sequence) -> dict[str, torch.Tensor]:
+        """Left-padded prompts ending at `ASSISTANT:`: inputs_embeds [B,S,H], attention_mask [B,S] long,
+        spatial_mask [B,S] bool (True exactly at the spatial tokens)."""
+        dialogues = [dialogue_ids(self.tokenizer, [(s.question, None)])[0] for s in samples]
+        return self.embed([self.spatial_tokens(s) for s in samples], dialogues, padding_side="left")
+
+    @torch.inference_mode()
+    def answer(self, samples: Sequence, max_new_tokens: int = 8, batch_size: int = 32) -> list[str]:
+        """Greedy answers, one per sample, generated through the pruning runtime's spatial-token context."""
+        from adatoken import spatial_tokens  # late: the pruning runtime imports nothing from the testbed
+
+        answers = []
+        for start in range(0, len(samples), batch_size):
+            inputs = self.build_inputs(samples[start:start + batch_size])
+            with spatial_tokens(self.llm, inputs["spatial_mask"]):
+                out = self.llm.generate(
+                    inputs_embeds=inputs["inputs_embeds"], attention_mask=inputs["attention_mask"],
+                    max_new_tokens=max_new_tokens, do_sample=False,
+                    pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
+                )
+            answers += [self.decode_answer(ids) for ids in out.tolist()]
+        return answers
+
+    def decode_answer(self, ids: list[int]) -> str:
+        if self.tokenizer.eos_token_id in ids:
+            ids = ids[: ids.index(self.tokenizer.eos_token_id)]
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+    def save(self, path: str | os.PathLike, extra: dict | None = None) -> None:
+        """Write the flat checkpoint folder (see module docstring). Files are written to a sibling temporary
+        folder and renamed into place, so a kill never leaves a half-written file behind."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.llm.save_pretrained(tmp)
+        save_file({k: v.contiguous() for k, v in self.encoder.state_dict().items()}, str(tmp / "encoder.safetensors"))
+        self.tokenizer.backend_tokenizer.save(str(tmp / "tokenizer.json"))
+        meta = {"model": asdict(self.model_config), "spatial": self.spatial_config.to_dict(), **(extra or {})}
+        (tmp / "testbed.json").write_text(json.dumps(meta, indent=2) + "\n")
+        path.mkdir(parents=True, exist_ok=True)
+        for file in sorted(tmp.iterdir(), key=lambda f: f.name == "testbed.json"):  # testbed.json last: it marks "complete"
+            os.replace(file, path / file.name)
+        tmp.rmdir()
+
+
+def load(path: str | os.PathLike | None = None) -> TestbedModel:
+    """Load a testbed checkpoint folder (the one shipped in the package by default), offline, in eval mode."""
+    path = Path(path) if path is not None else SHIPPED_CHECKPOINT
+    if not (path / "testbed.json").is_file():
+        hint = " (train one with `adatoken testbed train`)" if path == SHIPPED_CHECKPOINT else ""
+        raise FileNotFoundError(f"no testbed checkpoint in {path}: testbed.json is missing{hint}")
+    meta = json.loads((path / "testbed.json").read_text())
+    model_config, spatial_config = ModelConfig(**meta["model"]), SpatialConfig(**meta["spatial"])
+    llm = LlamaForCausalLM.from_pretrained(path, local_files_only=True)
+    encoder = SpatialEncoder(spatial_config.feature_dim, model_config.hidden_size, model_config.position_hidden)
+    encoder.load_state_dict(load_file(str(path / "encoder.safetensors")))
+    model = TestbedModel(llm, encoder, load_tokenizer(str(path / "tokenizer.json")), model_config, spatial_config)
+    return model.eval()

@@ -1,0 +1,177 @@
+"""Train the testbed from scratch on CPU: seeded, resumable, loss on answer tokens only.
+
+Each training sequence is one fresh train-split scene followed by a multi-turn dialogue about it
+(`per_type` questions of every type, shuffled), as LLaVA-3D's instruction data has several turns per
+scene: the spatial tokens, the costly part of a sequence, are then paid once for ~10 answers. The
+first turn has exactly the single-question layout used at test time. A batch is a pure function of
+(seed, step), so a resumed run sees the same data as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from adatoken.testbed.data import load_split, scene_questions, split_seeds, visible_objects
+from adatoken.testbed.questions import DESCRIBE, QUESTION_TYPES, describe
+from adatoken.testbed.scenes import scene_for_seed
+from adatoken.testbed.model import ModelConfig, TestbedModel
+from adatoken.testbed.spatial import SpatialConfig, SpatialTokens, spatial_tokens_for_seed
+from adatoken.testbed.tokenizer import dialogue_ids
+
+
+@dataclass
+class TrainConfig:
+    out: str = "runs/testbed"
+    seed: int = 0
+    steps: int = 1500
+    batch_size: int = 16
+    per_type: int = 2  # questions of each type per training dialogue
+    lr: float = 1e-3
+    warmup: int = 100
+    weight_decay: float = 0.01
+    checkpoint_every: int = 25  # steps between resumable checkpoints (a kill loses at most this many)
+    # Curriculum: attention finds the few tokens an answer needs much sooner when there are few others in the
+    # sequence. For `curriculum_hold` steps a dialogue is one question (and the caption) about one token per
+    # object (its centre voxel); then all turns are asked and the other spatial tokens come back at random,
+    # linearly, until every token is there at hold + `curriculum_ramp`. The finished model always sees
+    # complete scenes.
+    curriculum_hold: int = 250
+    curriculum_ramp: int = 250
+    describe: bool = True  # end each dialogue with a dense caption turn (see questions.describe)
+    eval_every: int = 250  # steps between greedy-answer accuracy checks on calib scenes (0: never)
+    threads: int = 2
+    export: str | None = None  # where the final model folder goes; default <out>/model
+    model: ModelConfig = field(default_factory=ModelConfig)
+    spatial: SpatialConfig = field(default_factory=SpatialConfig)
+
+
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up, then cosine decay to a tenth of the peak."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def tokens_kept(cfg: TrainConfig, step: int) -> float:
+    """Fraction of the non-centre spatial tokens a training dialogue sees at `step` (see TrainConfig)."""
+    return float(np.clip((step - cfg.curriculum_hold) / max(1, cfg.curriculum_ramp), 0.0, 1.0))
+
+
+def _thin(tokens: SpatialTokens, keep: float, rng: np.random.Generator) -> SpatialTokens:
+    if keep >= 1.0:
+        return tokens
+    return tokens.select(tokens.centre | (rng.random(len(tokens)) < keep))  # voxel order is preserved
+
+
+def training_batch(model: TestbedModel, cfg: TrainConfig, step: int) -> dict[str, torch.Tensor]:
+    """Right-padded dialogues for `step` (padding at the end keeps every sample's positions at 0.., as
+    generate's left padding + attention-mask positions do)."""
+    seeds = split_seeds("train")
+    spatial, dialogues, flags = [], [], []
+    for b in range(cfg.batch_size):
+        scene_seed = seeds[(step * cfg.batch_size + b) % len(seeds)]
+        rng = np.random.default_rng([cfg.seed, step, b])
+        tokens = spatial_tokens_for_seed(scene_seed, cfg.spatial)
+        turns = [(q.question, q.answer) for q in scene_questions(scene_seed, rng, cfg.per_type, cfg.spatial)]
+        if step < cfg.curriculum_hold:
+            turns = turns[:1]
+        if cfg.describe:  # last, so that no question can read its answer off the caption
+            turns.append((DESCRIBE, describe(scene_for_seed(scene_seed), visible_objects(tokens))))
+        ids, is_answer = dialogue_ids(model.tokenizer, turns)
+        spatial.append(_thin(tokens, tokens_kept(cfg, step), rng))
+        dialogues.append(ids)
+        flags.append(is_answer)
+    return model.embed(spatial, dialogues, flags, padding_side="right")
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _resume(model: TestbedModel, optimizer: torch.optim.Optimizer, cfg: TrainConfig, state_path: Path) -> tuple[int, list]:
+    if not state_path.is_file():
+        return 0, []
+    state = torch.load(state_path, weights_only=False)
+    saved = {k: v for k, v in state["config"].items() if k not in ("threads", "eval_every", "export", "out")}
+    wanted = {k: v for k, v in asdict(cfg).items() if k in saved}
+    if saved != wanted:
+        raise ValueError(f"{state_path} was written by a different training configuration; "
+                         f"use another --out or delete it. saved={saved} wanted={wanted}")
+    model.llm.load_state_dict(state["llm"])
+    model.encoder.load_state_dict(state["encoder"])
+    optimizer.load_state_dict(state["optimizer"])
+    return state["step"], state["history"]
+
+
+def calib_accuracy(model: TestbedModel, num_scenes: int = 20) -> dict[str, float]:
+    """Exact-match accuracy of greedy answers on the first calib scenes: overall and per question type."""
+    samples = load_split("calib", num_scenes=num_scenes, cfg=model.spatial_config)
+    model.eval()
+    correct = [a in s.answers for a, s in zip(model.answer(samples), samples)]
+    model.train()
+    by_type = {t: float(np.mean([c for c, s in zip(correct, samples) if s.qtype == t])) for t in QUESTION_TYPES}
+    return {"overall": float(np.mean(correct)), **by_type}
+
+
+def train(cfg: TrainConfig, progress: bool = True) -> TestbedModel:
+    """Train (or resume) into `cfg.out`; returns the trained model and exports it to `cfg.export`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        return _train(cfg, progress)
+    finally:
+        torch.set_num_threads(threads)  # a library call must not leave the process's thread count changed
+
+
+def _train(cfg: TrainConfig, progress: bool) -> TestbedModel:
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = TestbedModel.create(cfg.model, cfg.spatial, seed=cfg.seed).train()
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or "embed" in n]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+    state_path, log_path = out / "state.pt", out / "train_log.jsonl"
+    start, history = _resume(model, optimizer, cfg, state_path)
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="testbed train", disable=not progress)
+    smoothed, started = None, time.time()
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(cfg, step)
+        batch = training_batch(model, cfg, step)
+        loss = model.llm(inputs_embeds=batch["inputs_embeds"], attention_mask=batch["attention_mask"],
+                         labels=batch["labels"]).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        smoothed = loss.item() if smoothed is None else 0.95 * smoothed + 0.05 * loss.item()
+        history.append(loss.item())
+        bar.set_postfix(loss=f"{smoothed:.3f}", lr=f"{learning_rate(cfg, step):.1e}")
+        done = step + 1
+        record = {"step": done, "loss": loss.item(), "smoothed": smoothed,
+                  "steps_per_s": (done - start) / (time.time() - started)}
+        if cfg.eval_every and done % cfg.eval_every == 0:
+            record["calib_accuracy"] = calib_accuracy(model)
+            bar.write(f"step {done}: calib accuracy " + " ".join(f"{k} {v:.2f}" for k, v in record["calib_accuracy"].items()))
+        with open(log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            _atomic_save({"step": done, "llm": model.llm.state_dict(), "encoder": model.encoder.state_dict(),
+                          "optimizer": optimizer.state_dict(), "config": asdict(cfg), "history": history}, state_path)
+    model.eval()
+    info = {"train": {"steps": cfg.steps, "seed": cfg.seed, "batch_size": cfg.batch_size, "per_type": cfg.per_type,
+                      "lr": cfg.lr, "final_loss_smoothed": smoothed}}
+    model.save(cfg.export or out / "model", extra=info)
+    return model

@@ -1,0 +1,168 @@
+"""The embedded testbed: scenes, spatial tokens, questions, tokenizer, model round trip, training."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from adatoken.testbed import questions as Q
+from adatoken.testbed.data import SPLITS, load_split, split_seeds
+from adatoken.testbed import model as testbed_model
+from adatoken.testbed.model import ModelConfig, load
+from adatoken.testbed.scenes import CLASS_NAMES, Scene, SceneObject, generate_scene
+from adatoken.testbed.spatial import SpatialConfig, build_spatial_tokens, voxel_pool
+from adatoken.testbed.tokenizer import build_tokenizer, load_tokenizer, words
+from adatoken.testbed.train import TrainConfig, train, training_batch
+
+
+# ---- scenes -------------------------------------------------------------------------------------------
+def test_scene_is_deterministic_per_seed_and_round_trips_json():
+    a, b = generate_scene(123), generate_scene(123)
+    assert a == b and a.to_json() == b.to_json()
+    assert generate_scene(124) != a
+    assert Scene.from_json(a.to_json()) == a
+
+
+def test_scenes_are_plausible_rooms():
+    seen = set()
+    for seed in range(50):
+        scene = generate_scene(seed)
+        assert 6 <= len(scene.objects) <= 16
+        boxes = np.array([o.box for o in scene.objects])
+        assert (boxes[:, :3] >= 0).all() and (boxes[:, 3:] <= np.array(scene.room) + 1e-9).all()
+        for i in range(len(boxes)):  # no two boxes overlap
+            for j in range(i):
+                assert np.any(boxes[i, :3] >= boxes[j, 3:]) or np.any(boxes[j, :3] >= boxes[i, 3:])
+        seen |= {o.cls for o in scene.objects}
+    assert len(CLASS_NAMES) >= 12 and len(seen) >= 12
+
+
+def test_bad_scene_seed_and_split_are_clear_errors():
+    with pytest.raises(ValueError, match="non-negative integer"):
+        generate_scene(-1)
+    with pytest.raises(ValueError, match="valid splits: train, calib, test"):
+        load_split("dev")
+
+
+# ---- spatial tokens -----------------------------------------------------------------------------------
+def test_voxel_pool_matches_hand_worked_example():
+    # Four patches, 0.2 m voxels. Voxel keys floor(p / 0.2): (0,0,0), (0,0,0), (1,0,0), (0,1,0).
+    points = np.array([[0.05, 0.05, 0.05], [0.15, 0.10, 0.00], [0.25, 0.05, 0.05], [0.10, 0.30, 0.10]])
+    features = np.array([[1.0, 0.0], [3.0, 2.0], [5.0, 5.0], [0.0, 4.0]])
+    pooled_points, pooled_features, inverse = voxel_pool(points, features, 0.2)
+    # Voxels in lexicographic key order: (0,0,0) <- patches 0,1; (0,1,0) <- patch 3; (1,0,0) <- patch 2.
+    np.testing.assert_allclose(pooled_points, [[0.10, 0.075, 0.025], [0.10, 0.30, 0.10], [0.25, 0.05, 0.05]], atol=1e-6)
+    np.testing.assert_allclose(pooled_features, [[2.0, 1.0], [0.0, 4.0], [5.0, 5.0]])
+    assert inverse.tolist() == [0, 0, 2, 1]
+
+
+def test_spatial_tokens_are_deterministic_voxel_ordered_and_capped():
+    scene = generate_scene(7)
+    a, b = build_spatial_tokens(scene), build_spatial_tokens(scene)
+    np.testing.assert_array_equal(a.features, b.features)
+    keys = np.floor(a.points / 0.2).astype(int)  # a voxel's mean point lies inside the voxel
+    assert len({tuple(k) for k in keys}) == len(a) and [tuple(k) for k in keys] == sorted(tuple(k) for k in keys)
+    assert a.features.shape == (len(a), SpatialConfig().feature_dim) and a.features.dtype == np.float32
+    assert (a.object_ids >= 0).mean() < 0.5  # walls and floor dominate, as in real scans
+    capped = build_spatial_tokens(scene, SpatialConfig(max_tokens=100))
+    assert len(capped) == 100
+
+
+# ---- questions against hand-built geometry -------------------------------------------------------------
+def _room() -> Scene:
+    """A 6 x 5 m room drawn on paper; the expected answers below were worked out by hand."""
+    objects = [
+        ("sofa", "red", (0.5, 0.1, 0.0, 2.5, 1.0, 0.8)),     # against the y=0 wall
+        ("tv", "black", (2.5, 4.92, 1.0, 3.5, 5.0, 1.6)),    # on the far wall
+        ("lamp", "yellow", (0.3, 1.3, 0.0, 0.6, 1.6, 1.6)),  # just behind the sofa's left end
+        ("chair", "blue", (4.0, 2.0, 0.0, 4.5, 2.5, 0.9)),
+        ("chair", "green", (4.0, 3.0, 0.0, 4.5, 3.5, 0.9)),
+        ("table", "brown", (3.0, 2.2, 0.0, 3.8, 3.2, 0.75)),
+        ("shelf", "white", (0.0, 3.5, 0.0, 0.35, 4.5, 1.8)),  # on the x=0 wall
+    ]
+    return Scene("hand", 0, (6.0, 5.0, 2.7), "white", "grey",
+                 tuple(SceneObject(i, c, col, box) for i, (c, col, box) in enumerate(objects)))
+
+
+def _answers(qtype: str) -> dict[str, str]:
+    cands = Q.candidate_questions(_room(), np.random.default_rng(0))[qtype]
+    return {q.question: q.answer for q in cands}
+
+
+def test_attribute_asks_only_about_unique_classes():
+    answers = _answers("attribute")
+    assert answers["What colour is the lamp?"] == "yellow" or answers["What is the colour of the lamp?"] == "yellow"
+    assert not any("chair" in q for q in answers)  # two chairs: no unique referent
+
+
+def test_existence_and_counting():
+    existence = {words(q)[3]: a for q, a in _answers("existence").items()}
+    assert existence["sofa"] == "yes" and existence["bed"] == "no" and existence["chair"] == "yes"
+    counting = {words(q)[2]: a for q, a in _answers("counting").items()}
+    assert counting == {"chairs": "two", "sofas": "one", "tvs": "one", "lamps": "one", "tables": "one", "shelves": "one"}
+
+
+def test_relation_closest_object():
+    room = _room()
+    # Lamp centre (0.45, 1.45, 0.8): sofa box 0.45 m away (dy), shelf 2.05 m, everything else farther.
+    assert Q.point_box_distance(room.find("lamp").centre, room.find("sofa").box) == pytest.approx(np.hypot(0.05, 0.45))
+    assert Q.closest_object(room, room.find("lamp")).cls == "sofa"
+    assert "sofa" in {a for q, a in _answers("relation").items() if q.endswith("lamp?")}
+
+
+def test_situated_left_right_behind():
+    room = _room()
+    # At the sofa (1.5, 0.55) facing the tv (3.0, 4.96): left is (-0.947, 0.322). The shelf's corner (0, 4.5)
+    # reaches 2.69 m to the left, the lamp 1.48 m; to the right a chair's corner (4.5, 2.0) reaches 2.38 m,
+    # the table 1.65 m; nothing is more than 0.4 m behind.
+    position, frame = Q.egocentric_frame(room.find("sofa"), room.find("tv"))
+    np.testing.assert_allclose(frame["left"], [-0.947, 0.322], atol=1e-3)
+    exclude = {0, 1}
+    assert Q.farthest_towards(room, position, frame["left"], exclude).cls == "shelf"
+    assert Q.farthest_towards(room, position, frame["right"], exclude).cls == "chair"
+    assert Q.farthest_towards(room, position, frame["behind"], exclude) is None
+    assert Q.side_of(position, frame, room.find("lamp")) == "left"
+    assert Q.side_of(position, frame, room.find("table")) is None  # only 23 degrees off straight ahead
+
+
+def test_splits_are_deterministic_disjoint_and_big_enough():
+    ranges = [set(split_seeds(s)) for s in SPLITS]
+    assert all(not (a & b) for i, a in enumerate(ranges) for b in ranges[i + 1:])
+    assert load_split("calib", num_scenes=3) == load_split("calib", num_scenes=3)
+    test = load_split("test", num_scenes=30)
+    assert {s.qtype for s in test} == set(Q.QUESTION_TYPES)
+    assert len(test) / 30 * SPLITS["test"][1] >= 1000  # the full test split has >= 1,000 questions
+
+
+# ---- tokenizer and model --------------------------------------------------------------------------------
+def test_tokenizer_round_trip(tmp_path):
+    tok = build_tokenizer()
+    text = "I am at the bed facing the tv. What is on my left?"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.unk_token_id not in ids
+    assert tok.decode(ids) == "i am at the bed facing the tv . what is on my left ?" == " ".join(words(text))
+    tok.backend_tokenizer.save(str(tmp_path / "tokenizer.json"))
+    assert load_tokenizer(str(tmp_path / "tokenizer.json"))(text, add_special_tokens=False)["input_ids"] == ids
+    for sample in load_split("calib", num_scenes=5):  # every generated question and answer is in vocabulary
+        assert tok.unk_token_id not in tok(f"{sample.question} {sample.answers[0]}", add_special_tokens=False)["input_ids"]
+
+
+def test_tiny_training_lowers_loss_and_resumes(tmp_path):
+    model_cfg = ModelConfig(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128, position_hidden=32)
+    cfg = TrainConfig(out=str(tmp_path), steps=20, batch_size=4, per_type=1, lr=3e-3, warmup=2, eval_every=0,
+                      checkpoint_every=10, threads=1, model=model_cfg)
+
+    def held_out_loss(model) -> float:
+        batch = training_batch(model, cfg, step=10_000)
+        with torch.no_grad():
+            return model.llm(inputs_embeds=batch["inputs_embeds"], attention_mask=batch["attention_mask"],
+                             labels=batch["labels"]).loss.item()
+
+    before = held_out_loss(testbed_model.TestbedModel.create(model_cfg, seed=cfg.seed))
+    trained = train(cfg, progress=False)
+    assert held_out_loss(trained) < before - 0.5
+    reloaded = load(tmp_path / "model")
+    assert held_out_loss(reloaded) == pytest.approx(held_out_loss(trained))
+    resumed = train(cfg, progress=False)  # state.pt says all 20 steps are done: nothing is retrained
+    for a, b in zip(resumed.llm.parameters(), trained.llm.parameters()):
+        torch.testing.assert_close(a, b)
