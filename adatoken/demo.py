@@ -28,6 +28,7 @@ def register(subparsers) -> None:
     parser.add_argument("--new-tokens", type=int, default=16, help="tokens to generate")
     parser.add_argument("--repeats", type=int, default=3, help="timed prefills per method (median reported)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, help="torch CPU threads (1 gives steadier timings on a busy machine)")
     parser.set_defaults(func=run)
 
 
@@ -40,6 +41,8 @@ def build_model(layers: int, seed: int) -> LlamaForCausalLM:
 
 
 def run(args) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model = build_model(args.layers, args.seed)
     system, prompt = 20, 40
     length = system + args.spatial + prompt
@@ -50,25 +53,29 @@ def run(args) -> int:
     print(f"random Llama: {args.layers} layers, hidden 256; input {length} tokens = {system} system + "
           f"{args.spatial} spatial + {prompt} prompt; mean spatial retention {args.retention}\n")
 
-    rows, reference = [], None
-    for name, params in tqdm(METHODS, desc="methods", unit="method"):
-        if name != "none":
-            params = {**params, "retention": args.retention}
+    configs = [(name, params if name == "none" else {**params, "retention": args.retention}) for name, params in METHODS]
+    results, reference = {}, None
+    for name, params in tqdm(configs, desc="generate", unit="method"):
         adatoken.prune(model, name, **params)
         with torch.inference_mode(), adatoken.spatial_tokens(model, spatial):
             tokens = model.generate(**inputs, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
                                     do_sample=False, pad_token_id=0)[0].tolist()
-            stats = adatoken.last_stats(model)
-            times = []
-            for _ in range(args.repeats):
-                start = time.perf_counter()
-                model(**inputs, logits_to_keep=1)
-                times.append(time.perf_counter() - start)
+        stats = adatoken.last_stats(model)
         reference = reference or tokens
         kept = [layer[0] for layer in stats.spatial_in]
-        rows.append((name, sum(kept) / (len(kept) * args.spatial), kept, stats.prefill_flops(0),
-                     statistics.median(times), sum(a == b for a, b in zip(tokens, reference)) / len(reference)))
+        results[name] = {"retention": sum(kept) / (len(kept) * args.spatial), "kept": kept, "times": [],
+                         "flops": stats.prefill_flops(0), "agree": sum(a == b for a, b in zip(tokens, reference)) / len(reference)}
+    # Prefill timing interleaves the methods round by round, so a busy machine slows them all alike.
+    for _ in tqdm(range(args.repeats), desc="time prefill", unit="round"):
+        for name, params in configs:
+            adatoken.prune(model, name, **params)
+            with torch.inference_mode(), adatoken.spatial_tokens(model, spatial):
+                start = time.perf_counter()
+                model(**inputs, logits_to_keep=1)
+                results[name]["times"].append(time.perf_counter() - start)
     adatoken.unprune(model)
+    rows = [(name, r["retention"], r["kept"], r["flops"], statistics.median(r["times"]), r["agree"])
+            for name, r in results.items()]
 
     base_flops, base_time = rows[0][3], rows[0][4]
     print(f"\n{'method':<11}{'retention':>10}{'TFLOPs':>9}{'FLOPs ratio':>13}{'prefill ms':>12}{'speedup':>9}"
