@@ -115,6 +115,9 @@ class TestbedModel(nn.Module):
         tokenizer = build_tokenizer()
         llm = LlamaForCausalLM(model_config.llama_config(tokenizer))
         nn.init.normal_(llm.get_input_embeddings().weight, std=WORD_EMBED_STD)
+        for layer in llm.model.layers:  # every residual branch starts at zero: each layer begins as the identity,
+            nn.init.zeros_(layer.self_attn.o_proj.weight)  # so six random layers do not bury the few tokens that
+            nn.init.zeros_(layer.mlp.down_proj.weight)  # matter under noise (in tests, attention formed sooner)
         encoder = SpatialEncoder(spatial_config.feature_dim, model_config.hidden_size, model_config.position_hidden)
         if model_config.aligned_projector:
             align_projector(encoder, llm, tokenizer, spatial_config)
