@@ -1,6 +1,6 @@
 """`adatoken analyze`, `adatoken fit` and `adatoken sweep`: the calibration half of AdaToken-3D.
 
-    adatoken analyze --model tiny-llama --out calib/        # flow.json + figures
+    adatoken analyze --out calib/                           # the testbed: flow.json + figures
     adatoken fit calib/flow.json --retention 0.4            # calib/schedule.json + calib/schedule.png
     adatoken sweep --model tiny-llama --out calib/          # sweep.json + sweep.png (Fig. 2A)
 
@@ -106,7 +106,7 @@ def register(subparsers) -> None:
 
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--model", choices=MODELS, default="tiny-llama",
+    source.add_argument("--model", choices=MODELS, default="testbed",
                         help="testbed: the trained scene-QA model on its calib split; tiny-*: random weights, "
                              "synthetic inputs (default: %(default)s)")
     source.add_argument("--model-path", type=Path, help="a local Hugging Face checkpoint directory (no downloads)")
@@ -139,21 +139,43 @@ def load_source(args) -> Source:
 
 
 def _testbed_source(count: int, device: str, dtype: torch.dtype) -> Source:
-    """The testbed LLM and `count` questions of its calib split, one sample each, answer included."""
+    """The shipped testbed LLM and `count` questions of its calib split (see testbed_flow_samples)."""
+    from adatoken import testbed
+
+    model = testbed.load().to(device=device, dtype=dtype)
+    return Source("testbed", model.llm, testbed_flow_samples(model, count))
+
+
+def testbed_flow_samples(model, count: int) -> list[FlowSample]:
+    """The first `count` questions of the testbed's calib split as FlowSamples of `model.llm`, one each.
+
+    Each sample holds the question with its reference answer appended, so λ is the answer's attention
+    as in the paper. Questions are drawn under the model's own spatial settings: they ask only about
+    objects its spatial tokens show.
+    """
     from adatoken import testbed
     from adatoken.testbed.tokenizer import dialogue_ids
 
-    model = testbed.load().to(device=device, dtype=dtype)
-    records = testbed.load_split("calib")[:count]
+    if count < 1:
+        raise ValueError(f"need at least one calibration question, got {count}")
+    # A scene gives at most one question of each type: draw only the scenes the first `count` need.
+    total = testbed.SPLITS["calib"][1]
+    scenes = min(total, -(-count // len(testbed.QUESTION_TYPES)))
+    records = testbed.load_split("calib", num_scenes=scenes, cfg=model.spatial_config)
+    while len(records) < count and scenes < total:
+        scenes = min(total, 2 * scenes)
+        records = testbed.load_split("calib", num_scenes=scenes, cfg=model.spatial_config)
+    if len(records) < count:
+        raise ValueError(f"the testbed's calib split has {len(records)} questions, fewer than the {count} asked for")
     samples = []
-    for record in records:
+    for record in records[:count]:
         ids, is_answer = dialogue_ids(model.tokenizer, [(record.question, record.answers[0])])
         with torch.no_grad():
             inputs = model.embed([model.spatial_tokens(record)], [ids])
         spatial = inputs.pop("spatial_mask")
         last_instruction = spatial.shape[1] - sum(is_answer) - 1  # `ASSISTANT:`, the last prompt token
         samples.append(FlowSample(inputs, spatial, query_index=last_instruction))
-    return Source("testbed", model.llm, samples)
+    return samples
 
 
 def _synthetic_model(name: str, attn: str) -> nn.Module:

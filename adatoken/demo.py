@@ -1,91 +1,406 @@
-"""`adatoken demo`: prune a small random LLaVA-3D-shaped decoder with every method and show what happens.
+"""`adatoken demo`: AdaToken-3D end to end on the embedded testbed, written up as a report folder.
 
-A real end-to-end run (no downloads): a random-weight Llama fed `inputs_embeds` laid out
-system | spatial | prompt as LLaVA-3D feeds its LLM, pruned generation with the KV cache, and per
-method the spatial tokens that entered each layer, the analytic prefill FLOPs and the prefill time.
+    adatoken demo                                        # the shipped testbed checkpoint -> report/
+    adatoken demo --checkpoint DIR --questions 100 --out runs/demo
+
+Stages, each kept in OUT:
+  1. flow   information flow of the unpruned model over calibration questions, measured as
+            `adatoken analyze --model testbed` measures it (adatoken.flow.analyze)     flow.json
+  2. fit    an AdaToken-3D schedule fitted to that flow for each retention, as `adatoken fit`
+            fits it (eqs. 5-7)                                                       schedules/
+  3. eval   none, FastV, PyramidDrop, random and AdaToken-3D (the fitted schedules) at each
+            retention on a fixed, seeded subset of the test split, through the resumable eval
+            runner: EM with 95 % Wilson intervals, measured tokens per layer, FLOPs         eval/
+  4. bench  prefill time of every config beside its analytic FLOPs ratio, on the testbed model and
+            on a random model of LLaVA-3D's proportions (interleaved rounds, medians)     bench/
+  5. report figures (redrawn only when a result they show changed), then report.md (tables, the
+            figures, a reading computed from the numbers) and report.json
+Calibration reads only the calib split; test questions appear only in stages 3 and 4.
+
+A re-run reuses a stage when everything it depends on is unchanged. OUT/cache.json keeps each
+stage's key (checkpoint digest, sizes, seeds, the digest of the stage's inputs) and is written only
+once the stage's files are complete, so a changed setting or a killed stage is computed again; the
+eval stage resumes mid-sweep (it adds configs, e.g. a new retention, to what is on disk). --fresh
+recomputes everything.
 """
 from __future__ import annotations
 
 import argparse
-import statistics
+import hashlib
+import json
+import os
+import platform
+import shlex
 import time
+from contextlib import contextmanager
+from dataclasses import asdict, replace
+from functools import cached_property
+from pathlib import Path
 
 import torch
-from tqdm import tqdm
-from transformers import LlamaConfig, LlamaForCausalLM
+from tqdm.auto import tqdm
 
-import adatoken
-
-METHODS = [("none", {}), ("fastv", {"layer": 2}), ("pdrop", {}), ("adatoken3d", {}), ("random", {})]
+# The paper's 0.1, 0.2 and 0.4, and 0.6: the shipped testbed has 6 layers, where layers 0-1 alone hold a mean
+# retention of 1/3 for methods that start pruning at layer 2, so 0.1 and 0.2 show only why they are out of reach.
+DEFAULT_RETENTIONS = [0.1, 0.2, 0.4, 0.6]
+# Testbed answers are one word: 4 tokens show a wrong, longer answer without paying for rambling.
+MAX_NEW_TOKENS = 4
+FIT_OPTIONS = {"first_layer": 2, "smooth_lambda": 1.0}  # `adatoken fit`'s defaults
+# LLaVA-3D-7B's LLM (Vicuna-7B) shrunk for a CPU: its 32 layers, head_dim 128 and MLP ratio
+# 11008/4096 kept, hidden 4096 -> 256 (2 heads). With 1,024 spatial tokens an unpruned prefill takes
+# about 2 s on one core.
+LLAVA3D_MINI = dict(num_hidden_layers=32, hidden_size=256, intermediate_size=688, num_attention_heads=2,
+                    vocab_size=32000)
+BENCH_TEXT_TOKENS = 60  # system + prompt around the spatial tokens, as `adatoken bench` lays them out
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("demo", help="prune a small random LLaVA-3D-shaped model with every method",
+    parser = subparsers.add_parser("demo", help="AdaToken-3D end to end on the testbed: flow, fit, eval, bench, report",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--retention", type=float, default=0.4, help="mean spatial retention over layers (0, 1]")
-    parser.add_argument("--spatial", type=int, default=1024, help="spatial tokens in the input")
-    parser.add_argument("--layers", type=int, default=16, help="decoder layers of the random model")
-    parser.add_argument("--new-tokens", type=int, default=16, help="tokens to generate")
-    parser.add_argument("--repeats", type=int, default=3, help="timed prefills per method (median reported)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, help="torch CPU threads (1 gives steadier timings on a busy machine)")
+    parser.add_argument("--checkpoint", help="testbed checkpoint folder (default: the one shipped in the package)")
+    parser.add_argument("--out", default="report", help="report folder; also holds every stage's results "
+                                                        "(default: %(default)s)")
+    parser.add_argument("--questions", type=int, default=200,
+                        help="test questions to evaluate: a fixed, seeded subset of the test split "
+                             "(default: %(default)s)")
+    parser.add_argument("--calib-questions", type=int, default=32,
+                        help="calibration questions for the information-flow analysis (default: %(default)s)")
+    parser.add_argument("--retentions", type=float, nargs="+", default=DEFAULT_RETENTIONS,
+                        help="mean spatial retentions over layers (default: 0.1 0.2 0.4 0.6)")
+    parser.add_argument("--batch-size", type=int, default=32, help="questions per generate call (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the test subset (default: %(default)s)")
+    parser.add_argument("--bench-spatial", type=int, default=1024,
+                        help="spatial tokens fed to the LLaVA-3D-proportioned model (default: %(default)s)")
+    parser.add_argument("--bench-repeats", type=int, default=3,
+                        help="timed prefill rounds per benchmark after a warm-up round (default: %(default)s)")
+    parser.add_argument("--skip-bench", action="store_true", help="leave out the prefill benchmark (stage 4)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads; 1 keeps timings steady on a shared machine, see docs/benchmarks.md "
+                             "(default: %(default)s)")
+    parser.add_argument("--fresh", action="store_true", help="recompute every stage, ignoring what OUT holds")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(func=run)
 
 
-def build_model(layers: int, seed: int) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=layers,
-                         num_attention_heads=8, max_position_embeddings=4096)
+def check_args(args) -> None:
+    """Refuse bad values before any work, with the option's name."""
+    for name in ("questions", "calib_questions", "batch_size", "bench_spatial", "bench_repeats", "threads"):
+        value = getattr(args, name)
+        if value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    bad = [r for r in args.retentions if not 0 < r <= 1]
+    if bad:
+        raise ValueError(f"--retentions must lie in (0, 1] (mean share of spatial tokens kept), got {bad}")
+    if len(set(args.retentions)) != len(args.retentions):
+        raise ValueError(f"--retentions must not repeat, got {args.retentions}")
+
+
+def run(args) -> int:
+    from adatoken import demo_report
+
+    started = time.perf_counter()
+    check_args(args)
+    torch.set_num_threads(args.threads)
+    demo = Demo(args)
+    flow = demo.flow()
+    schedules, fit_errors = demo.fit(flow)
+    configs, subset, predictions = demo.evaluate(schedules, fit_errors)
+    bench_results = {} if args.skip_bench else demo.bench(configs, subset[0])
+    results = demo_report.DemoResults(
+        context=demo.context(len(subset), time.perf_counter() - started), flow=flow, schedules=schedules,
+        fit_errors=fit_errors, configs=configs, predictions=predictions, bench=bench_results, stages=demo.cache.log)
+    figures = [demo.out / name for name in demo_report.figure_names(results)]
+    with demo.cache.stage("figures", {"inputs": file_digest(*demo.result_files())}, *figures) as reused:
+        if not reused:
+            demo_report.draw_figures(demo.out, results)
+    paths = demo_report.write(demo.out, results, figures)
+    print("\n" + demo_report.accuracy_table(results.rows))
+    print("\n" + "\n".join(f"- {line}" for line in results.reading))
+    print("\nwrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+class StageCache:
+    """OUT/cache.json: the key each stage's files were computed under.
+
+    A stage is reused when its key is unchanged and its files exist. Its key is recorded only after
+    its files are written, so a run killed mid-stage computes that stage again.
+    """
+
+    def __init__(self, out: Path, fresh: bool):
+        self.path = out / "cache.json"
+        self.keys = {} if fresh or not self.path.is_file() else json.loads(self.path.read_text())
+        self.log: dict[str, dict] = {}  # stage -> {"reused": bool, "seconds": float}: for the report
+
+    @contextmanager
+    def stage(self, name: str, key, *files: Path):
+        """`with cache.stage(name, key, *files) as reused:` compute the files unless reused."""
+        start = time.perf_counter()
+        key = json.loads(json.dumps(key))  # as it will read back from disk
+        reused = self.keys.get(name) == key and all(Path(f).exists() for f in files)
+        more = f" and {len(files) - 1} more file(s)" if len(files) > 1 else ""
+        print(f"[{name}] " + (f"reused {files[0]}{more} (same settings as before)" if reused else "computing"),
+              flush=True)
+        yield reused
+        if not reused:
+            self.record(name, key)
+        self.log[name] = {"reused": reused, "seconds": round(time.perf_counter() - start, 2)}
+
+    def record(self, name: str, key) -> None:
+        self.keys[name] = json.loads(json.dumps(key))
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(self.keys, indent=1) + "\n")
+        os.replace(tmp, self.path)  # a kill leaves the old keys or the new ones
+
+
+def file_digest(*paths: Path) -> str:
+    """sha256 over the names and bytes of the files, in the order given."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.name.encode() + b"\0")
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def checkpoint_digest(folder: Path) -> str:
+    """A testbed checkpoint's identity: every file in its folder (weights, tokenizer, testbed.json)."""
+    if not (folder / "testbed.json").is_file():
+        raise FileNotFoundError(f"no testbed checkpoint in {folder}: testbed.json is missing "
+                                "(train one with `adatoken testbed train`, or pass --checkpoint DIR)")
+    return file_digest(*sorted(p for p in folder.iterdir() if p.is_file()))
+
+
+class Demo:
+    """The stages. Each returns its result, computing it only when OUT does not hold it already."""
+
+    def __init__(self, args):
+        from adatoken.testbed.model import SHIPPED_CHECKPOINT
+
+        self.args = args
+        self.out = Path(args.out)
+        self.checkpoint = Path(args.checkpoint).resolve() if args.checkpoint else SHIPPED_CHECKPOINT
+        self.digest = checkpoint_digest(self.checkpoint)
+        self.num_layers = json.loads((self.checkpoint / "testbed.json").read_text())["model"]["num_layers"]
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.cache = StageCache(self.out, args.fresh)
+        self.progress = not args.no_progress
+
+    @cached_property
+    def model(self):
+        """The testbed model, loaded on first use: a run that reuses every stage never loads it."""
+        from adatoken import testbed
+
+        print(f"loading {self.checkpoint}", flush=True)
+        return testbed.load(self.checkpoint)
+
+    # ----- 1. information flow on calibration questions --------------------------------------------------
+    def flow(self):
+        from adatoken.calibrate_cli import testbed_flow_samples
+        from adatoken.flow import FlowParams, FlowReport, analyze
+
+        path = self.out / "flow.json"
+        key = {"checkpoint": self.digest, "calib_questions": self.args.calib_questions, "params": asdict(FlowParams())}
+        with self.cache.stage("flow", key, path) as reused:
+            if not reused:
+                samples = testbed_flow_samples(self.model, self.args.calib_questions)
+                analyze(self.model.llm, samples, FlowParams(), progress=self.progress).save(path)
+        return FlowReport.load(path)
+
+    # ----- 2. one fitted schedule per retention ------------------------------------------------------------
+    def fit(self, flow) -> tuple[dict, dict[float, str]]:
+        """Schedules keyed as the eval runner keys them, and the reason for each retention that could not be fitted."""
+        from adatoken.eval.runner import load_schedules
+        from adatoken.schedule import fit_schedule
+
+        folder = self.out / "schedules"
+        paths = {r: folder / f"schedule-{r:g}.json" for r in self.args.retentions}
+        failed_path = folder / "failed.json"  # retention -> why fit_schedule refused it
+        failed = json.loads(failed_path.read_text()) if failed_path.is_file() else {}
+        expected = [failed_path] + [p for r, p in paths.items() if f"{r:g}" not in failed]
+        key = {"flow": file_digest(self.out / "flow.json"), "retentions": self.args.retentions, **FIT_OPTIONS}
+        with self.cache.stage("fit", key, *expected) as reused:
+            if not reused:
+                folder.mkdir(parents=True, exist_ok=True)
+                failed = {}
+                for retention, path in tqdm(paths.items(), desc="fit schedules", unit="retention",
+                                            disable=not self.progress):
+                    try:
+                        fit_schedule(flow.inf, flow.num_layers, retention=retention, **FIT_OPTIONS).save(path)
+                    except ValueError as err:  # e.g. below first_layer / num_layers: say so in the report
+                        failed[f"{retention:g}"] = str(err)
+                        path.unlink(missing_ok=True)
+                failed_path.write_text(json.dumps(failed, indent=1) + "\n")
+        fitted = [p for r, p in paths.items() if f"{r:g}" not in failed]
+        return (load_schedules(fitted) if fitted else {}), {float(r): why for r, why in failed.items()}
+
+    # ----- 3. accuracy of every method at every retention on the test subset ------------------------------
+    def sweep(self, num_layers: int, schedules: dict | None, fit_errors: dict[float, str]) -> list:
+        from adatoken.eval.cli import DEFAULT_METHODS
+        from adatoken.eval.runner import sweep_configs
+
+        configs = sweep_configs(DEFAULT_METHODS, self.args.retentions, num_layers, schedules)
+        return [replace(c, skipped=f"no schedule could be fitted: {fit_errors[c.retention]}")
+                if c.method == "adatoken3d" and schedules is not None and c.retention in fit_errors else c
+                for c in configs]
+
+    def test_subset(self) -> list:
+        """The fixed, seeded subset of the test split (QARecords), kept so a re-run need not redraw every scene."""
+        from adatoken.eval.datasets import QARecord, load_dataset
+        from adatoken.eval.runner import select_subset
+
+        path = self.out / "eval" / "questions.json"
+        key = {"checkpoint": self.digest, "questions": self.args.questions, "seed": self.args.seed}
+        with self.cache.stage("questions", key, path) as reused:
+            if not reused:
+                records = load_dataset("testbed", self.checkpoint, split="test")
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps([asdict(r) for r in select_subset(records, self.args.questions,
+                                                                             self.args.seed)], indent=1) + "\n")
+        return [QARecord(**r) for r in json.loads(path.read_text())]
+
+    def evaluate(self, schedules: dict, fit_errors: dict[float, str]):
+        """(sweep configs, the test subset, each runnable config's prediction rows)."""
+        from adatoken.eval.cli import TestbedAnswerer
+        from adatoken.eval.runner import collect, evaluate, read_predictions
+
+        subset = self.test_subset()
+        configs = self.sweep(self.num_layers, schedules, fit_errors)
+        folder = self.out / "eval"
+        settings = {"model": "testbed", "checkpoint": str(self.checkpoint), "checkpoint_sha256": self.digest,
+                    "dataset": "testbed", "split": "test", "questions": self.args.questions, "seed": self.args.seed}
+        key = {"settings": {**settings, "batch_size": self.args.batch_size, "max_new_tokens": MAX_NEW_TOKENS},
+               "configs": {c.key: c.prune.to_dict() for c in configs if c.skipped is None}}
+        key = json.loads(json.dumps(key))
+        # Predictions on disk stay usable when the settings match and no config changed under its name
+        # (a refitted schedule does); new configs are added to them.
+        previous = self.cache.keys.get("eval")
+        usable = previous is not None and previous["settings"] == key["settings"] and all(
+            previous["configs"].get(name, config) == config for name, config in key["configs"].items())
+        on_disk = read_predictions(folder / "predictions") if usable and (folder / "predictions").is_dir() else {}
+        wanted = [(name, r.question_id) for name in key["configs"] for r in subset]
+        missing = sum(pair not in on_disk for pair in wanted)
+        start = time.perf_counter()
+        if missing == 0:
+            print(f"[eval] reused all {len(wanted)} predictions in {folder} (same settings as before)", flush=True)
+            predictions = collect(folder / "predictions", subset, configs)
+        else:
+            print(f"[eval] {len(subset)} questions x {len(key['configs'])} configs: "
+                  f"{'computing' if not on_disk else f'resuming, {len(wanted) - missing} reused'}", flush=True)
+            self.cache.record("eval", {**key, "configs": {**(previous["configs"] if usable else {}), **key["configs"]}})
+            predictions = evaluate(TestbedAnswerer(self.model), subset, configs, folder, settings,
+                                   batch_size=self.args.batch_size, max_new_tokens=MAX_NEW_TOKENS,
+                                   fresh=not usable, progress=self.progress)
+        self.cache.log["eval"] = {"reused": missing == 0, "seconds": round(time.perf_counter() - start, 2),
+                                  "predictions_computed": missing, "predictions_reused": len(wanted) - missing}
+        return configs, subset, predictions
+
+    # ----- 4. prefill speed against FLOPs ------------------------------------------------------------------
+    def bench(self, configs: list, question) -> dict[str, dict]:
+        """Model label -> an `adatoken bench`-style result: the testbed model on one test question with the
+        eval's configs, and the LLaVA-3D-proportioned random model (adatoken3d on its eq.-5 curve: the
+        fitted schedules have the testbed's depth)."""
+        from adatoken.bench import Setup, build_setup
+
+        folder = self.out / "bench"
+        folder.mkdir(parents=True, exist_ok=True)
+        timing = {"repeats": self.args.bench_repeats, "threads": self.args.threads}
+        results = {}
+
+        label, path = f"testbed ({self.num_layers} layers)", folder / "testbed.json"
+        key = {"checkpoint": self.digest, "question": question.question_id, **timing,
+               "configs": {c.key: c.prune.to_dict() if c.prune else c.skipped for c in configs}}
+        with self.cache.stage("bench testbed", key, path) as reused:
+            if not reused:
+                inputs = self.model.build_inputs([_as_sample(question)])
+                spatial = inputs.pop("spatial_mask")
+                _write_bench(path, bench_configs(Setup(self.model.llm, inputs, spatial, "cpu"), configs, label,
+                                                 self.args.bench_repeats, self.progress))
+        results[label] = json.loads(path.read_text())
+
+        shape = LLAVA3D_MINI["num_hidden_layers"], LLAVA3D_MINI["hidden_size"]
+        label, path = f"LLaVA-3D-proportioned ({shape[0]} layers, hidden {shape[1]})", folder / "llava3d-mini.json"
+        mini_configs = self.sweep(shape[0], None, {})
+        key = {"shape": LLAVA3D_MINI, "spatial": self.args.bench_spatial, "text": BENCH_TEXT_TOKENS, **timing,
+               "configs": {c.key: c.prune.to_dict() if c.prune else c.skipped for c in mini_configs}}
+        with self.cache.stage("bench llava3d-mini", key, path) as reused:
+            if not reused:
+                setup = build_setup(llava3d_mini(), 1, self.args.bench_spatial, BENCH_TEXT_TOKENS, "cpu")
+                _write_bench(path, bench_configs(setup, mini_configs, label, self.args.bench_repeats, self.progress))
+        results[label] = json.loads(path.read_text())
+        return results
+
+    def result_files(self) -> list[Path]:
+        """The files the figures are drawn from: they are redrawn when any of these changed."""
+        files = [self.out / "flow.json", *sorted((self.out / "schedules").glob("*.json")),
+                 self.out / "eval" / "questions.json", *sorted((self.out / "eval" / "predictions").glob("rank*.jsonl"))]
+        return files + ([] if self.args.skip_bench else sorted((self.out / "bench").glob("*.json")))
+
+    def context(self, num_questions: int, seconds: float) -> dict:
+        """What this run was, for the top of the report."""
+        a = self.args
+        return {
+            "checkpoint": str(self.checkpoint), "checkpoint_sha256": self.digest[:16],
+            "model": f"testbed ({self.num_layers} decoder layers)",
+            "calibration": f"first {a.calib_questions} questions of the calib split",
+            "evaluation": f"{num_questions} questions of the test split (seeded subset, seed {a.seed}); greedy, "
+                          f"at most {MAX_NEW_TOKENS} new tokens, batches of {a.batch_size}",
+            "retentions": " ".join(f"{r:g}" for r in a.retentions),
+            "threads": a.threads, "torch": torch.__version__, "machine": platform.machine(),
+            "command": command_line(a),
+            "wall time": f"{seconds:.0f} s (this invocation, before the report)",
+        }
+
+
+def _as_sample(record):
+    """A test QARecord as the testbed model's sample type."""
+    from adatoken.testbed.data import QASample
+
+    return QASample(record.question_id, record.scene_id, record.extra["scene_seed"], record.question,
+                    tuple(record.answers), record.qtype)
+
+
+def llava3d_mini():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)  # random weights cost what trained ones do; seeded so reruns time the same model
+    config = LlamaConfig(max_position_embeddings=4096, **LLAVA3D_MINI)
     config._attn_implementation = "sdpa"
     return LlamaForCausalLM(config).eval()
 
 
-def run(args) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model = build_model(args.layers, args.seed)
-    system, prompt = 20, 40
-    length = system + args.spatial + prompt
-    spatial = torch.zeros(1, length, dtype=torch.bool)
-    spatial[:, system:system + args.spatial] = True
-    embeds = torch.randn(1, length, model.config.hidden_size, generator=torch.Generator().manual_seed(args.seed))
-    inputs = {"inputs_embeds": embeds * 0.02, "attention_mask": torch.ones(1, length, dtype=torch.long)}
-    print(f"random Llama: {args.layers} layers, hidden 256; input {length} tokens = {system} system + "
-          f"{args.spatial} spatial + {prompt} prompt; mean spatial retention {args.retention}\n")
+def bench_configs(setup, configs: list, label: str, repeats: int, progress: bool) -> dict:
+    """`adatoken bench`'s interleaved prefill sweep over the eval's configs; skipped ones keep their reason."""
+    from adatoken.bench import run_sweep
 
-    configs = [(name, params if name == "none" else {**params, "retention": args.retention}) for name, params in METHODS]
-    results, reference = {}, None
-    for name, params in tqdm(configs, desc="generate", unit="method"):
-        adatoken.prune(model, name, **params)
-        with torch.inference_mode(), adatoken.spatial_tokens(model, spatial):
-            tokens = model.generate(**inputs, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                                    do_sample=False, pad_token_id=0)[0].tolist()
-        stats = adatoken.last_stats(model)
-        reference = reference or tokens
-        kept = [layer[0] for layer in stats.spatial_in]
-        results[name] = {"retention": sum(kept) / (len(kept) * args.spatial), "kept": kept, "times": [],
-                         "flops": stats.prefill_flops(0), "agree": sum(a == b for a, b in zip(tokens, reference)) / len(reference)}
-    # Prefill timing interleaves the methods round by round, so a busy machine slows them all alike.
-    for _ in tqdm(range(args.repeats), desc="time prefill", unit="round"):
-        for name, params in configs:
-            adatoken.prune(model, name, **params)
-            with torch.inference_mode(), adatoken.spatial_tokens(model, spatial):
-                start = time.perf_counter()
-                model(**inputs, logits_to_keep=1)
-                results[name]["times"].append(time.perf_counter() - start)
-    adatoken.unprune(model)
-    rows = [(name, r["retention"], r["kept"], r["flops"], statistics.median(r["times"]), r["agree"])
-            for name, r in results.items()]
+    runnable = {c.key: {"config": c.prune} for c in configs if c.skipped is None}  # `none` first: the baseline
+    with tqdm(total=len(runnable) * (repeats + 1), desc=f"bench {label}", unit="prefill", disable=not progress) as bar:
+        rows = run_sweep(setup, runnable, repeats, new_tokens=0, progress=bar)
+    rows += [{"config": c.key, "method": c.method, "skipped": c.skipped} for c in configs if c.skipped is not None]
+    batch, length = setup.spatial.shape
+    spatial = int(setup.spatial.sum())
+    return {"shape": label, "config": setup.model.config.to_diff_dict(), "device": setup.device,
+            "device_name": platform.machine(), "threads": torch.get_num_threads(), "dtype": "float32",
+            "batch": batch, "spatial_tokens": spatial, "text_tokens": length - spatial, "new_tokens": 0,
+            "repeats": repeats, "torch": torch.__version__, "rows": rows}
 
-    base_flops, base_time = rows[0][3], rows[0][4]
-    print(f"\n{'method':<11}{'retention':>10}{'TFLOPs':>9}{'FLOPs ratio':>13}{'prefill ms':>12}{'speedup':>9}"
-          f"{'same tokens':>13}")
-    for name, retention, _, flops, seconds, agree in rows:
-        print(f"{name:<11}{retention:>10.3f}{flops / 1e12:>9.3f}{base_flops / flops:>13.2f}{seconds * 1e3:>12.1f}"
-              f"{base_time / seconds:>9.2f}{agree:>13.0%}")
-    print("\nspatial tokens entering each layer:")
-    for name, _, kept, *_ in rows:
-        print(f"  {name:<11}{' '.join(f'{k:>4}' for k in kept)}")
-    print("\n(random weights: 'same tokens' shows how far each method moves the output, not accuracy;"
-          " the testbed measures accuracy)")
-    return 0
+
+def _write_bench(path: Path, result: dict) -> None:
+    from adatoken.bench import markdown
+
+    path.with_suffix(".md").write_text(markdown(result))
+    path.write_text(json.dumps(result, indent=1) + "\n")  # last: its presence marks the stage done
+
+
+def command_line(args) -> str:
+    """The command that reproduces this run, every option spelled out."""
+    words = ["adatoken", "demo"]
+    for name, value in vars(args).items():
+        if name in ("func", "command", "fresh", "no_progress") or value is None or value is False:
+            continue
+        words.append("--" + name.replace("_", "-"))
+        if value is not True:
+            words += [f"{v:g}" for v in value] if isinstance(value, list) else [str(value)]
+    return shlex.join(words)

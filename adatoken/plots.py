@@ -5,8 +5,10 @@ Each function draws one PNG and returns its path. Figures are built with matplot
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
@@ -56,11 +58,14 @@ def plot_group_attention(report: FlowReport, path: str | Path) -> Path:
     return _save(fig, path)
 
 
-def plot_information_flow(report: FlowReport, path: str | Path, schedule: Schedule | None = None) -> Path:
-    """Eqs. 1–4 per layer; with a fitted schedule, also normalised INF with the eq.-5 fit and the retention."""
+def plot_information_flow(report: FlowReport, path: str | Path,
+                          schedule: Schedule | Sequence[Schedule] | None = None) -> Path:
+    """Eqs. 1–4 per layer; with fitted schedules (one, or one per retention), also normalised INF with
+    each eq.-5 fit and the retention per layer each schedule gives."""
+    schedules = [schedule] if isinstance(schedule, Schedule) else list(schedule or [])
     layers = np.arange(report.num_layers)
-    panels = 3 if schedule is not None else 2
-    fig = Figure(figsize=(4.4 * panels, 4.6), layout="constrained")
+    panels = 3 if schedules else 2
+    fig = Figure(figsize=(4.4 * panels, 4.6 + 0.3 * max(len(schedules) - 1, 0)), layout="constrained")
     axes = fig.subplots(1, panels)
     terms, fit = axes[:2]
 
@@ -73,29 +78,46 @@ def plot_information_flow(report: FlowReport, path: str | Path, schedule: Schedu
     _layer_axis(terms, report.num_layers)
 
     fit.plot(layers, normalize_inf(report.inf), "o", color="black", ms=4, label="INF, min–max normalised (eqs. 4, 6)")
-    if schedule is not None and "beta" in schedule.meta:
-        m = schedule.meta
+    colours = _schedule_colours(len(schedules))
+    for colour, sched in zip(colours, schedules):
+        if "beta" not in sched.meta:  # a hand-made schedule has no eq.-5 curve to draw
+            continue
+        m = sched.meta
         curve = exponential_curve(report.num_layers, m["alpha"], m["beta"], m["center"], m["floor"])
-        fit.plot(layers, curve, "-", color="tab:red",
-                 label=f"fit α·exp(−β(i−L))+M (eq. 5)\nα={m['alpha']:.2f} β={m['beta']:.2f} "
-                       f"L={m['center']:.1f} M={m['floor']:.2f}")
+        fit.plot(layers, curve, "-", color=colour,
+                 label=f"{_retention_label(sched, len(schedules))}α·exp(−β(i−L))+M (eq. 5)\nα={m['alpha']:.2f} "
+                       f"β={m['beta']:.2f} L={m['center']:.1f} M={m['floor']:.2f}")
     fit.set_ylabel("normalised INF")
     fit.set_title("Information contribution per layer")
     _legend_below(fit)
     _layer_axis(fit, report.num_layers)
 
-    if schedule is not None:
+    if schedules:
         keep = axes[2]
-        keep.bar(np.arange(schedule.num_layers), schedule.keep, color=GROUP_COLOURS["spatial"], alpha=0.8,
-                 label="share of spatial tokens entering the layer")
-        keep.axhline(schedule.retention, color="black", ls="--", lw=1, label=f"mean retention {schedule.retention:.2f}")
+        if len(schedules) == 1:
+            keep.bar(np.arange(schedules[0].num_layers), schedules[0].keep, color=GROUP_COLOURS["spatial"], alpha=0.8,
+                     label="share of spatial tokens entering the layer")
+            keep.axhline(schedules[0].retention, color="black", ls="--", lw=1,
+                         label=f"mean retention {schedules[0].retention:.2f}")
+        else:  # several budgets: steps, so the curves stay readable on top of each other
+            for colour, sched in zip(colours, schedules):
+                keep.step(np.arange(sched.num_layers), sched.keep, where="mid", color=colour,
+                          label=f"mean retention {sched.retention:.2f}")
         keep.set_ylim(0, 1.05)
         keep.set_ylabel("spatial tokens kept")
-        keep.set_title("Fitted retention schedule")
+        keep.set_title("Fitted retention schedule" + ("s" if len(schedules) > 1 else ""))
         _legend_below(keep)
-        _layer_axis(keep, schedule.num_layers)
+        _layer_axis(keep, schedules[0].num_layers)
     fig.suptitle(f"Information flow of spatial tokens ({report.num_samples} samples)")
     return _save(fig, path)
+
+
+def _schedule_colours(count: int) -> list:
+    return ["tab:red"] if count == 1 else [matplotlib.colormaps["viridis"](x) for x in np.linspace(0.1, 0.85, count)]
+
+
+def _retention_label(schedule: Schedule, count: int) -> str:
+    return "" if count == 1 else f"retention {schedule.retention:.2f}: "
 
 
 def plot_redundancy(report: FlowReport, path: str | Path) -> Path:
@@ -137,9 +159,74 @@ def plot_sweep(result: SweepResult, path: str | Path) -> Path:
     return _save(fig, path)
 
 
-def plot_report(report: FlowReport, out_dir: str | Path, schedule: Schedule | None = None) -> list[Path]:
+def plot_report(report: FlowReport, out_dir: str | Path,
+                schedule: Schedule | Sequence[Schedule] | None = None) -> list[Path]:
     """All figures of a flow report into out_dir: group_attention.png, information_flow.png, redundancy.png."""
     out_dir = Path(out_dir)
     return [plot_group_attention(report, out_dir / "group_attention.png"),
             plot_information_flow(report, out_dir / "information_flow.png", schedule),
             plot_redundancy(report, out_dir / "redundancy.png")]
+
+
+# ----- the demo's comparison figures ---------------------------------------------------------------
+# one colour and marker per method in every panel and figure; AdaToken-3D in red, the random control grey
+METHOD_STYLES = {"none": ("black", "*"), "fastv": ("C0", "o"), "pdrop": ("C2", "s"), "random": ("C7", "^"),
+                 "adatoken3d": ("C3", "D")}
+
+
+def _method_style(method: str) -> dict:
+    colour, marker = METHOD_STYLES.get(method, ("C4", "v"))
+    return {"color": colour, "marker": marker}
+
+
+def plot_retention_per_layer(kept: dict[float, dict[str, Sequence[float]]], path: str | Path) -> Path:
+    """One panel per mean retention: for each method, the share of the input's spatial tokens that
+    entered each layer (as measured, averaged over questions). kept: retention -> method -> per layer."""
+    retentions = sorted(kept)
+    methods = list(dict.fromkeys(m for r in retentions for m in kept[r]))
+    fig = Figure(figsize=(4.2 * len(retentions) + 0.5, 3.9), layout="constrained")
+    axes = fig.subplots(1, len(retentions), sharey=True, squeeze=False)[0]
+    for ax, retention in zip(axes, retentions):
+        for method in methods:
+            shares = kept[retention].get(method)
+            if shares is not None:
+                ax.step(np.arange(len(shares)), shares, where="mid", lw=1.6, alpha=0.85, label=method,
+                        color=_method_style(method)["color"])
+        ax.axhline(retention, color="black", ls="--", lw=0.8, label=f"mean over layers = {retention:g}")
+        ax.set_ylim(0, 1.05)
+        ax.set_title(f"retention {retention:g}", fontsize=10)
+        _layer_axis(ax, max(len(s) for s in kept[retention].values()))
+    axes[0].set_ylabel("share of spatial tokens entering the layer")
+    handles, labels = axes[-1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right center", fontsize=8)
+    fig.suptitle("Spatial tokens kept per layer, by method (measured)")
+    return _save(fig, path)
+
+
+def plot_speedup_vs_flops(results: dict[str, Sequence[dict]], path: str | Path) -> Path:
+    """One panel per benchmarked model: measured prefill speedup against the analytic FLOPs ratio, each
+    config a point labelled with its retention; on the diagonal, time falls exactly as FLOPs do.
+    results: model label -> rows of `adatoken.bench.run_sweep` (skipped rows are left out)."""
+    fig = Figure(figsize=(4.6 * len(results) + 0.5, 4.2), layout="constrained")
+    axes = fig.subplots(1, len(results), squeeze=False)[0]
+    for ax, (label, rows) in zip(axes, results.items()):
+        ran = [r for r in rows if "skipped" not in r]
+        top = max([1.0] + [max(r["flops_ratio"], r["prefill_speedup"]) for r in ran]) * 1.08
+        ax.plot([1, top], [1, top], color="black", ls="--", lw=0.8, label="speedup = FLOPs ratio")
+        for method in dict.fromkeys(r["method"] for r in ran):
+            points = [r for r in ran if r["method"] == method]
+            ax.plot([r["flops_ratio"] for r in points], [r["prefill_speedup"] for r in points], ls="none", ms=7,
+                    alpha=0.85, label=method, **_method_style(method))
+            for r in points:
+                if method != "none":
+                    ax.annotate(f"{r['retention']:.2g}", (r["flops_ratio"], r["prefill_speedup"]), fontsize=7,
+                                textcoords="offset points", xytext=(4, -9), color="0.35")
+        ax.set_xlim(0.8, top)
+        ax.set_ylim(0.8, top)
+        ax.set_xlabel("analytic prefill FLOPs ratio (unpruned / pruned)")
+        ax.set_title(label, fontsize=10)
+        ax.grid(True, alpha=0.3)
+    axes[0].set_ylabel("measured prefill speedup (median)")
+    axes[-1].legend(fontsize=8, loc="upper left")
+    fig.suptitle("Prefill speedup against FLOPs saved (labels: mean retention)")
+    return _save(fig, path)

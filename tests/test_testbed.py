@@ -147,6 +147,47 @@ def test_tokenizer_round_trip(tmp_path):
         assert tok.unk_token_id not in tok(f"{sample.question} {sample.answers[0]}", add_special_tokens=False)["input_ids"]
 
 
+@pytest.fixture(scope="module")
+def shipped():
+    torch.set_num_threads(2)
+    return load()
+
+
+def test_shipped_checkpoint_builds_inputs_and_generates(shipped):
+    samples = load_split("test", num_scenes=2)[:6]
+    inputs = shipped.build_inputs(samples)
+    batch, length, hidden = inputs["inputs_embeds"].shape
+    assert hidden == shipped.llm.config.hidden_size and inputs["attention_mask"].dtype == torch.long
+    assert (inputs["attention_mask"][:, -1] == 1).all()  # left padding: every prompt ends at the last column
+    counts = [len(shipped.spatial_tokens(s)) for s in samples]
+    assert inputs["spatial_mask"].sum(1).tolist() == counts
+    answers = shipped.answer(samples, batch_size=6)
+    assert answers == [shipped.answer([s])[0] for s in samples]  # padding does not change answers
+    assert sum(a in s.answers for a, s in zip(answers, samples)) >= 4
+
+
+def test_fresh_model_starts_with_copy_heads_and_aligned_words():
+    cfg = ModelConfig(hidden_size=32, num_layers=4, num_heads=2, intermediate_size=64, position_hidden=16)
+    model = testbed_model.TestbedModel.create(cfg, seed=3)
+    llm = model.llm
+    assert llm.lm_head.weight is llm.get_input_embeddings().weight  # tied head
+    assert llm.config.rope_parameters["rope_theta"] == cfg.rope_theta
+    for layer in llm.model.layers:
+        attn = layer.self_attn
+        torch.testing.assert_close(attn.k_proj.weight, attn.q_proj.weight)
+        torch.testing.assert_close(attn.o_proj.weight, attn.v_proj.weight.T * cfg.copy_init)
+        assert not layer.mlp.down_proj.weight.any()
+    # the projector maps a class code onto its word: a lamp's feature lands nearest the word "lamp"
+    from adatoken.testbed.spatial import SURFACE_CLASSES, spatial_codes
+
+    lamp = torch.from_numpy(spatial_codes(model.spatial_config)["class"][SURFACE_CLASSES.index("lamp")]).float()
+    nearest = (model.encoder.feature_proj(lamp) @ llm.get_input_embeddings().weight.T).argmax().item()
+    assert model.tokenizer.convert_ids_to_tokens(nearest) == "lamp"
+    again = testbed_model.TestbedModel.create(cfg, seed=3)  # weights depend only on the seed
+    for a, b in zip(again.parameters(), model.parameters()):
+        assert torch.equal(a, b)
+
+
 def test_tiny_training_lowers_loss_and_resumes(tmp_path):
     model_cfg = ModelConfig(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128, position_hidden=32)
     cfg = TrainConfig(out=str(tmp_path), steps=20, batch_size=4, per_type=1, lr=3e-3, warmup=2, eval_every=0,

@@ -179,7 +179,8 @@ def build_spatial_tokens(scene: Scene, cfg: SpatialConfig = SpatialConfig()) -> 
     return tokens
 
 
-@lru_cache(maxsize=512)
+@lru_cache(maxsize=4096)
 def spatial_tokens_for_seed(seed: int, cfg: SpatialConfig = SpatialConfig()) -> SpatialTokens:
-    """Cached tokens of the scene with this seed (evaluation asks for the same scene once per question)."""
+    """Cached tokens of the scene with this seed (evaluation asks for the same scene once per question, training
+    revisits its scene pool)."""
     return build_spatial_tokens(scene_for_seed(seed), cfg)

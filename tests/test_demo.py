@@ -1,0 +1,127 @@
+"""`adatoken demo` end to end on a tiny testbed checkpoint: the report folder, skip reasons, and stage reuse."""
+import json
+
+import pytest
+import torch
+
+from adatoken import demo
+from adatoken.cli import main
+from adatoken.testbed import data as testbed_data
+from adatoken.testbed import model as testbed_model
+from adatoken.testbed.spatial import SpatialConfig
+
+# 24 layers as the shipped model: retention 0.05 is below what layers 0-1 keeping everything allow
+# (2/24), so FastV, PyramidDrop, random and the AdaToken-3D fit must each say why they cannot run it.
+RETENTIONS = ["0.05", "0.4"]
+FIGURES = ["group_attention.png", "information_flow.png", "redundancy.png", "accuracy_vs_flops.png",
+           "retention_per_layer.png", "speedup_vs_flops.png"]
+STAGES = ["flow", "fit", "questions", "eval", "bench testbed", "bench llava3d-mini", "figures"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("testbed") / "checkpoint"
+    tiny = testbed_model.ModelConfig(hidden_size=32, num_layers=24, num_heads=2, intermediate_size=64,
+                                     position_hidden=16)
+    testbed_model.TestbedModel.create(tiny, SpatialConfig(num_views=2, patch_grid=4, max_tokens=48)).save(path)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def small_demo(monkeypatch):
+    """A 10-scene test split to draw the subset from, and a tiny model in place of the LLaVA-3D-proportioned one."""
+    monkeypatch.setitem(testbed_data.SPLITS, "test", (testbed_data.SPLITS["test"][0], 10))
+    monkeypatch.setattr(demo, "LLAVA3D_MINI", dict(num_hidden_layers=8, hidden_size=32, intermediate_size=64,
+                                                   num_attention_heads=2, vocab_size=128))
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    threads = torch.get_num_threads()  # the demo sets its --threads for the process: give the suite its own back
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_demo(checkpoint, out, *extra) -> dict:
+    assert main(["demo", "--checkpoint", str(checkpoint), "--out", str(out), "--questions", "6",
+                 "--calib-questions", "2", "--retentions", *RETENTIONS, "--batch-size", "3",
+                 "--bench-spatial", "32", "--bench-repeats", "1", "--no-progress", *extra]) == 0
+    return json.loads((out / "report.json").read_text())
+
+
+def reused(report: dict) -> dict[str, bool]:
+    return {stage: report["stages"][stage]["reused"] for stage in STAGES}
+
+
+def test_demo_writes_the_report_and_reuses_its_stages(checkpoint, tmp_path, capsys):
+    out = tmp_path / "report"
+    first = run_demo(checkpoint, out)
+    assert not any(reused(first).values())
+    assert all((out / name).is_file() for name in ["report.md", "report.json", "flow.json", *FIGURES])
+    assert sorted(p.name for p in (out / "schedules").glob("schedule-*.json")) == ["schedule-0.4.json"]
+
+    rows = {row["key"]: row for row in first["eval"]["rows"]}
+    assert set(rows) == {"none"} | {f"{m}@{r}" for m in ("fastv", "pdrop", "random", "adatoken3d") for r in RETENTIONS}
+    for key, row in rows.items():  # every config either ran (EM with its interval) or says why not
+        assert (row["em"] is None) == (row["skipped"] is not None), key
+        if row["em"] is not None:
+            low, high = row["em"]["ci95"]
+            assert row["em"]["n"] == 6 and low <= row["em"]["value"] <= high
+    assert all(rows[f"{m}@0.05"]["skipped"] for m in ("fastv", "pdrop", "random", "adatoken3d"))
+    assert "no schedule could be fitted" in rows["adatoken3d@0.05"]["skipped"]
+    assert rows["adatoken3d@0.4"]["em"] is not None
+    kept = first["eval"]["kept_per_layer"]["0.4"]["adatoken3d"]  # measured, and it follows the fitted schedule
+    assert kept == pytest.approx(first["schedules"]["0.4"]["keep"], abs=0.05)
+    markdown = (out / "report.md").read_text()
+    assert all(f"]({name})" in markdown for name in FIGURES)
+    assert "no schedule could be fitted" in markdown and first["reading"]
+    assert set(first["bench"]) == {"testbed (24 layers)", "LLaVA-3D-proportioned (8 layers, hidden 32)"}
+    printed = capsys.readouterr().out
+    assert "EM % [95 % Wilson]" in printed and "skipped: " in printed
+
+    flow_written = (out / "flow.json").stat().st_mtime_ns
+    second = run_demo(checkpoint, out)
+    assert all(reused(second).values()) and second["eval"]["rows"] == first["eval"]["rows"]
+    assert (out / "flow.json").stat().st_mtime_ns == flow_written
+    assert "[flow] reused" in capsys.readouterr().out
+
+    # a setting the flow depends on: flow, fit and the adatoken3d predictions are computed again
+    changed = run_demo(checkpoint, out, "--calib-questions", "3")
+    assert reused(changed) == {"flow": False, "fit": False, "questions": True, "eval": False,
+                               "bench testbed": False, "bench llava3d-mini": True, "figures": False}
+    assert changed["flow"]["num_samples"] == 3
+
+    fresh = run_demo(checkpoint, out, "--fresh", "--skip-bench")
+    assert not any(fresh["stages"][stage]["reused"] for stage in ("flow", "fit", "questions", "eval", "figures"))
+    assert fresh["bench"] == {} and "--skip-bench" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--questions", "0", "--questions must be at least 1"),
+    ("--retentions", "1.5", "--retentions must lie in (0, 1]"),
+    ("--threads", "0", "--threads must be at least 1"),
+])
+def test_bad_values_fail_with_one_line(checkpoint, tmp_path, capsys, option, value, message):
+    assert main(["demo", "--checkpoint", str(checkpoint), "--out", str(tmp_path), option, value]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_missing_checkpoint_is_named(tmp_path, capsys):
+    assert main(["demo", "--checkpoint", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")]) == 2
+    assert "no testbed checkpoint in" in capsys.readouterr().err
+
+
+def test_the_reading_follows_the_numbers():
+    from adatoken.demo_report import read_accuracy
+    from adatoken.eval.report import Accuracy, ReportRow
+
+    def row(method, retention, hits, n=200):
+        em = Accuracy.of([True] * hits + [False] * (n - hits))
+        return ReportRow(f"{method}@{retention}", method, retention, em=em, flops_ratio=retention)
+
+    lines = read_accuracy([row("none", None, 160), row("fastv", 0.4, 110), row("adatoken3d", 0.4, 150),
+                           row("fastv", 0.1, 90), row("adatoken3d", 0.1, 95), row("random", 0.1, 95)])
+    assert lines[0].startswith("Unpruned, the model answers 80.0 %")
+    at_01, at_04 = lines[1], lines[2]  # retentions in increasing order
+    assert "adatoken3d keeps accuracy best, 75.0 %" in at_04 and "beyond the 95 % intervals" in at_04
+    assert "5.0 points below the unpruned model, within the intervals" in at_04
+    assert "adatoken3d, random tie at 47.5 %" in at_01 and "next is fastv" in at_01 and "within the 95 %" in at_01
+    assert "below the unpruned model, beyond the intervals" in at_01
