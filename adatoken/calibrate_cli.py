@@ -83,7 +83,7 @@ def register(subparsers) -> None:
     fit_cmd.add_argument("--smooth-lambda", type=float, default=1.0,
                          help="eq. 7 weight of the slope term (default: %(default)s)")
     fit_cmd.add_argument("--out", type=Path, help="schedule JSON (default: schedule.json beside the flow report)")
-    fit_cmd.add_argument("--plot", type=Path, help="figure (default: schedule.png beside the schedule)")
+    fit_cmd.add_argument("--plot", type=Path, help="figure (default: the schedule's path with .png, e.g. schedule.png)")
     fit_cmd.set_defaults(func=run_fit)
 
     sweep_cmd = subparsers.add_parser(
@@ -261,8 +261,9 @@ def run_fit(args) -> int:
     schedule = fit_schedule(report.inf, report.num_layers, retention=args.retention,
                             smooth_lambda=args.smooth_lambda, first_layer=args.first_layer)
     out = args.out or args.flow.with_name("schedule.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
     schedule.save(out)
-    figure = plots.plot_information_flow(report, args.plot or out.with_name("schedule.png"), schedule)
+    figure = plots.plot_information_flow(report, args.plot or out.with_suffix(".png"), schedule)
     meta = schedule.meta
     print(f"fit: alpha={meta['alpha']:.3f} beta={meta['beta']:.3f} center={meta['center']:.2f} "
           f"floor={meta['floor']:.3f} rms residual={meta['rms_residual']:.3f}")

@@ -32,7 +32,7 @@ POSITION_CENTRE, POSITION_SCALE = 2.5, 2.0  # metres: rooms span about 0..7 m, s
 # Word embeddings start at unit scale per component (not Llama's 0.02): in a small model trained from scratch,
 # 0.02 makes every token's own embedding smaller than the first attention layer's update, so the question
 # words are washed out by the average of hundreds of spatial tokens and the model learns slowly, if at all.
-# The LM head is untied and keeps the small init, so the first logits are near uniform.
+# (An untied LM head keeps the small init, so its first logits are near uniform; a tied one: TIED_HEAD_SCALE.)
 WORD_EMBED_STD = 1.0
 # With the head tied to unit-scale embeddings a logit is ~sqrt(hidden) at init; the final norm starts small
 # so the first logits are near uniform.
