@@ -42,8 +42,8 @@ TIED_HEAD_SCALE = 0.1
 @dataclass(frozen=True)
 class ModelConfig:
     # Six layers: the depth that a 45-minute CPU budget can train (see copy_heads). The runtime never prunes
-    # layer 0 and FastV keeps layers 0-1, so on six layers a mean spatial retention below 1/6 (all methods)
-    # or 1/3 (FastV) cannot be reached; the eval runner says so rather than run them.
+    # layer 0, and FastV, PyramidDrop and schedules with first_layer=2 keep layer 1 too, so on six layers a mean
+    # spatial retention below 1/3 cannot be reached; the eval runner says so rather than run them.
     hidden_size: int = 128
     num_layers: int = 6
     num_heads: int = 4
@@ -62,7 +62,8 @@ class ModelConfig:
         return LlamaConfig(
             vocab_size=len(tokenizer), hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
             num_hidden_layers=self.num_layers, num_attention_heads=self.num_heads,
-            num_key_value_heads=self.num_heads, max_position_embeddings=1024, rope_theta=self.rope_theta, initializer_range=self.init_std or self.hidden_size ** -0.5, tie_word_embeddings=self.tie_embeddings,
+            num_key_value_heads=self.num_heads, max_position_embeddings=1024, rope_theta=self.rope_theta,
+            initializer_range=self.init_std or self.hidden_size ** -0.5, tie_word_embeddings=self.tie_embeddings,
             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id, attn_implementation="sdpa",
         )
