@@ -30,7 +30,6 @@ import hashlib
 import json
 import os
 import platform
-import shlex
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, replace
@@ -39,6 +38,8 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+
+from adatoken.cli import reproducing_command
 
 # The paper's 0.1, 0.2 and 0.4, and 0.6: the shipped testbed has 6 layers, where layers 0-1 alone hold a mean
 # retention of 1/3 for methods that start pruning at layer 2, so 0.1 and 0.2 show only why they are out of reach.
@@ -349,7 +350,7 @@ class Demo:
                           f"at most {MAX_NEW_TOKENS} new tokens, batches of {a.batch_size}",
             "retentions": " ".join(f"{r:g}" for r in a.retentions),
             "threads": a.threads, "torch": torch.__version__, "machine": platform.machine(),
-            "command": command_line(a),
+            "command": reproducing_command(a),
             "wall time": f"{seconds:.0f} s (this invocation, before the report)",
         }
 
@@ -392,15 +393,3 @@ def _write_bench(path: Path, result: dict) -> None:
 
     path.with_suffix(".md").write_text(markdown(result))
     path.write_text(json.dumps(result, indent=1) + "\n")  # last: its presence marks the stage done
-
-
-def command_line(args) -> str:
-    """The command that reproduces this run, every option spelled out."""
-    words = ["adatoken", "demo"]
-    for name, value in vars(args).items():
-        if name in ("func", "command", "fresh", "no_progress") or value is None or value is False:
-            continue
-        words.append("--" + name.replace("_", "-"))
-        if value is not True:
-            words += [f"{v:g}" for v in value] if isinstance(value, list) else [str(value)]
-    return shlex.join(words)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch
 
 from adatoken import adapters
+from adatoken.cli import reproducing_command
 from adatoken.eval.datasets import LOADERS, QARecord, load_dataset
 from adatoken.eval.report import summarize, write_report
 from adatoken.eval.runner import evaluate, load_schedules, select_subset, sweep_configs
@@ -116,25 +116,13 @@ def run(args) -> int:
         "subset": f"first {args.limit} of a shuffle with seed {args.seed}" if args.limit else "all",
         "decoding": f"greedy, at most {args.max_new_tokens} new tokens, batches of {args.batch_size}",
         "device": f"{device} x {os.environ.get('WORLD_SIZE', '1')} process(es)",
-        "command": _command(args),
+        "command": reproducing_command(args),
         "wall time": f"{time.perf_counter() - started:.0f} s (this invocation)",
     }
     paths = write_report(args.out, rows, metrics, context)
     print(Path(paths[2]).read_text())
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
-
-
-def _command(args) -> str:
-    """The command that reproduces this sweep, every option spelled out (defaults included)."""
-    words = ["adatoken", "eval"]
-    for name, value in vars(args).items():
-        if name in ("func", "command", "fresh", "no_progress") or value is None or value is False:
-            continue
-        words.append("--" + name.replace("_", "-"))
-        if value is not True:
-            words += [str(v) for v in value] if isinstance(value, list) else [str(value)]
-    return shlex.join(words)
 
 
 def _device(name: str) -> torch.device:
