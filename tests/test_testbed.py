@@ -10,9 +10,9 @@ from adatoken.testbed.data import SPLITS, load_split, split_seeds
 from adatoken.testbed import model as testbed_model
 from adatoken.testbed.model import ModelConfig, load
 from adatoken.testbed.scenes import CLASS_NAMES, Scene, SceneObject, generate_scene
-from adatoken.testbed.spatial import SpatialConfig, build_spatial_tokens, voxel_pool
+from adatoken.testbed.spatial import SpatialConfig, build_spatial_tokens, spatial_tokens_for_seed, voxel_pool
 from adatoken.testbed.tokenizer import build_tokenizer, load_tokenizer, words
-from adatoken.testbed.train import TrainConfig, train, training_batch
+from adatoken.testbed.train import TrainConfig, curriculum_tokens, train, training_batch
 
 
 # ---- scenes -------------------------------------------------------------------------------------------
@@ -125,6 +125,18 @@ def test_situated_left_right_behind():
     assert Q.side_of(position, frame, room.find("table")) is None  # only 23 degrees off straight ahead
 
 
+def test_questions_per_type_can_differ_by_type():
+    scene = generate_scene(11)
+
+    def draw(per_type):
+        return Q.sample_questions(scene, np.random.default_rng(0), per_type)
+
+    counts = lambda qs: {t: sum(q.qtype == t for q in qs) for t in Q.QUESTION_TYPES}  # noqa: E731
+    assert draw(2) == draw(dict.fromkeys(Q.QUESTION_TYPES, 2))  # an int is the same count for every type
+    uneven = counts(draw({"attribute": 1, "existence": 1, "counting": 1, "relation": 3, "situated": 5}))
+    assert uneven["existence"] == 1 and uneven["situated"] == 5 and 1 <= uneven["relation"] <= 3
+
+
 def test_splits_are_deterministic_disjoint_and_big_enough():
     ranges = [set(split_seeds(s)) for s in SPLITS]
     assert all(not (a & b) for i, a in enumerate(ranges) for b in ranges[i + 1:])
@@ -166,6 +178,35 @@ def test_shipped_checkpoint_builds_inputs_and_generates(shipped):
     assert sum(a in s.answers for a, s in zip(answers, samples)) >= 4
 
 
+def test_probe_scores_find_a_linear_signal_and_only_that():
+    from adatoken.testbed.probe import probe_scores, r_squared
+
+    rng = np.random.default_rng(0)
+    target = rng.normal(size=(400, 2))
+    carried = np.concatenate([target @ rng.normal(size=(2, 8)), rng.normal(size=(400, 24))], 1)
+    assert probe_scores(carried + 0.1 * rng.normal(size=carried.shape), target, r_squared) > 0.9
+    assert probe_scores(rng.normal(size=(400, 32)), target, r_squared) < 0.1
+
+
+def test_shipped_model_fetches_colour_at_the_object_word(shipped):
+    from adatoken.testbed.probe import probe_object_word
+
+    rows = probe_object_word(shipped, num_scenes=200, progress=False)
+    assert [r["layer"] for r in rows] == list(range(shipped.llm.config.num_hidden_layers + 1))
+    assert rows[0]["colour_accuracy"] < 0.5 < 0.9 < rows[1]["colour_accuracy"]  # the word alone has no colour
+    with pytest.raises(ValueError, match="probes need >= 40: raise num_scenes"):
+        probe_object_word(shipped, num_scenes=5, progress=False)
+
+
+def test_testbed_cli_refuses_non_positive_counts():
+    from adatoken.cli import main
+
+    with pytest.raises(SystemExit, match="--num-scenes must be a positive integer, got 0"):
+        main(["testbed", "probe", "--num-scenes", "0"])
+    with pytest.raises(SystemExit, match="--geometry-per-type must be a positive integer, got -1"):
+        main(["testbed", "train", "--geometry-per-type", "-1"])
+
+
 def test_fresh_model_starts_with_copy_heads_and_aligned_words():
     cfg = ModelConfig(hidden_size=32, num_layers=4, num_heads=2, intermediate_size=64, position_hidden=16)
     model = testbed_model.TestbedModel.create(cfg, seed=3)
@@ -186,6 +227,40 @@ def test_fresh_model_starts_with_copy_heads_and_aligned_words():
     again = testbed_model.TestbedModel.create(cfg, seed=3)  # weights depend only on the seed
     for a, b in zip(again.parameters(), model.parameters()):
         assert torch.equal(a, b)
+
+
+def test_position_features_make_near_points_alike():
+    """Random Fourier features: the dot product of two points' cos/sin features falls with their distance, so
+    attention can find what is near a point by matching its features."""
+    encoder = testbed_model.SpatialEncoder(feature_dim=8, hidden_size=16, position_hidden=8, position_frequencies=256)
+
+    def similarity(a, b):
+        angles = (torch.tensor([a, b]) / testbed_model.POSITION_SCALE) @ encoder.frequencies
+        features = torch.cat([angles.cos(), angles.sin()], -1)
+        return (features[0] @ features[1]).item() / encoder.frequencies.shape[1]
+
+    here = [2.0, 2.0, 0.5]
+    assert similarity(here, here) == pytest.approx(1.0)
+    assert similarity(here, [2.2, 2.0, 0.5]) > 0.8 > 0.1 > abs(similarity(here, [4.0, 3.0, 0.5]))
+    assert "frequencies" in encoder.state_dict()  # saved with the weights: a loaded model sees the same features
+
+
+def test_curriculum_shows_centres_then_objects_then_everything():
+    cfg = TrainConfig(curriculum_objects=10, curriculum_hold=20, curriculum_ramp=10)
+    tokens = spatial_tokens_for_seed(3)
+    rng = np.random.default_rng(0)
+    where = {p.tobytes(): i for i, p in enumerate(tokens.points)}
+
+    def seen(step):
+        kept = curriculum_tokens(cfg, step, tokens, rng)
+        assert np.all(np.diff([where[p.tobytes()] for p in kept.points]) > 0)  # a subsequence, in voxel order
+        return kept
+
+    assert seen(0).centre.all() and len(seen(9)) == tokens.centre.sum()
+    objects = seen(10)
+    assert (objects.object_ids >= 0).all() and len(objects) == (tokens.object_ids >= 0).sum()
+    assert len(objects) < len(seen(25)) < len(tokens)  # the background comes back during the ramp
+    assert seen(30) is tokens
 
 
 def test_tiny_training_lowers_loss_and_resumes(tmp_path):

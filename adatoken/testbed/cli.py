@@ -1,4 +1,4 @@
-"""`adatoken testbed train|eval`: train the embedded 3D scene-QA model, or measure its accuracy.
+"""`adatoken testbed train|eval|probe`: train the embedded 3D scene-QA model, measure its accuracy, or probe it.
 
 Heavy imports happen inside the commands, so `adatoken --help` stays fast.
 """
@@ -23,7 +23,10 @@ def register(subparsers) -> None:
     train.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the data order (default: 0)")
     train.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the shipped recipe's, see train.TrainConfig)")
     train.add_argument("--batch-size", type=int, default=None, help="dialogues (scenes) per step (default: recipe's)")
-    train.add_argument("--per-type", type=int, default=None, help="questions of each type per dialogue (default: recipe's)")
+    train.add_argument("--per-type", type=int, default=None,
+                       help="questions of each type per dialogue, relation and situated excepted (default: recipe's)")
+    train.add_argument("--geometry-per-type", type=int, default=None,
+                       help="relation and situated questions per dialogue (default: recipe's)")
     train.add_argument("--lr", type=float, default=None, help="peak learning rate (default: recipe's)")
     train.add_argument("--checkpoint-every", type=int, default=None, help="steps between resumable checkpoints")
     train.add_argument("--eval-every", type=int, default=None, help="steps between calib accuracy checks (0: never)")
@@ -45,6 +48,15 @@ def register(subparsers) -> None:
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     ev.set_defaults(func=_eval)
 
+    probe = commands.add_parser("probe", help="linear probes: does the model fetch an object's colour and position "
+                                              "at the question's object word, layer by layer")
+    probe.add_argument("--checkpoint", default=None, help="model folder (default: the checkpoint shipped in the package)")
+    probe.add_argument("--num-scenes", type=int, default=600,
+                       help="train scenes whose relation questions are probed (default: %(default)s)")
+    probe.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
+    probe.add_argument("--quiet", action="store_true", help="no progress bar")
+    probe.set_defaults(func=_probe)
+
 
 def _positive(name: str, value: int | None) -> None:
     if value is not None and value <= 0:
@@ -54,10 +66,10 @@ def _positive(name: str, value: int | None) -> None:
 def _train(args: argparse.Namespace) -> int:
     from adatoken.testbed.train import TrainConfig, train
 
-    for name in ("steps", "batch_size", "per_type", "threads"):
+    for name in ("steps", "batch_size", "per_type", "geometry_per_type", "threads"):
         _positive("--" + name.replace("_", "-"), getattr(args, name))
-    overrides = {k: getattr(args, k) for k in ("steps", "batch_size", "per_type", "lr", "checkpoint_every", "eval_every")
-                 if getattr(args, k) is not None}
+    overrides = {k: getattr(args, k) for k in ("steps", "batch_size", "per_type", "geometry_per_type", "lr",
+                                               "checkpoint_every", "eval_every") if getattr(args, k) is not None}
     cfg = TrainConfig(**overrides, out=args.out, seed=args.seed, threads=args.threads, export=args.export)
     train(cfg, progress=not args.quiet)
     print(f"model written to {cfg.export or cfg.out + '/model'}")
@@ -82,4 +94,19 @@ def _eval(args: argparse.Namespace) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"split": args.split, "checkpoint": args.checkpoint or "shipped", **result}, f, indent=2)
+    return 0
+
+
+def _probe(args: argparse.Namespace) -> int:
+    import torch
+
+    from adatoken.testbed.model import load
+    from adatoken.testbed.probe import probe_object_word
+
+    for name in ("num_scenes", "threads"):
+        _positive("--" + name.replace("_", "-"), getattr(args, name))
+    torch.set_num_threads(args.threads)
+    rows = probe_object_word(load(args.checkpoint), args.num_scenes, progress=not args.quiet)
+    print("| layer | colour accuracy | position R^2 |\n|---:|---:|---:|")
+    print("\n".join(f"| {r['layer']} | {r['colour_accuracy']:.2f} | {r['position_r2']:.2f} |" for r in rows))
     return 0

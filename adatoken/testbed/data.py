@@ -6,6 +6,7 @@ is a pure function of its name: the same call always returns the same samples.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,7 +53,7 @@ def visible_objects(tokens: SpatialTokens) -> set[int]:
     return set(int(i) for i in np.unique(tokens.object_ids) if i >= 0)
 
 
-def scene_questions(seed: int, rng: np.random.Generator, per_type: int,
+def scene_questions(seed: int, rng: np.random.Generator, per_type: int | Mapping[str, int],
                     cfg: SpatialConfig = SpatialConfig()) -> list[Question]:
     """Questions about the scene of `seed` that its spatial tokens can answer."""
     return sample_questions(scene_for_seed(seed), rng, per_type, visible_objects(spatial_tokens_for_seed(seed, cfg)))

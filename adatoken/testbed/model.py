@@ -2,8 +2,8 @@
 
 Layout of every sequence, as in LLaVA-3D: `<s> system prompt | spatial tokens | USER: question ASSISTANT:`
 then the answer. The encoder is LLaVA-3D's learned half: a linear projection of the pooled patch
-feature plus a 2-layer MLP embedding of the pooled 3D point. The LLM is an ordinary Hugging Face
-decoder, so pruning hooks and `generate` treat it like any LLaVA-style model.
+feature plus a 2-layer MLP embedding of the pooled 3D point (and of its random Fourier features). The
+LLM is an ordinary Hugging Face decoder, so pruning hooks and `generate` treat it like any LLaVA-style model.
 
 Checkpoint folder (flat): config.json, generation_config.json, model.safetensors (the LLM, via
 save_pretrained), encoder.safetensors, tokenizer.json, testbed.json (encoder and spatial settings).
@@ -29,6 +29,7 @@ from adatoken.testbed.tokenizer import build_tokenizer, dialogue_ids, load_token
 
 SHIPPED_CHECKPOINT = Path(__file__).parent / "checkpoint"
 POSITION_CENTRE, POSITION_SCALE = 2.5, 2.0  # metres: rooms span about 0..7 m, so MLP inputs sit near [-1, 2]
+FREQUENCY_STD = 4.0  # per scaled unit: cos(w . d) averaged over w falls to 1/e at |d| ~ 0.7 m
 # Word embeddings start at unit scale per component (not Llama's 0.02): in a small model trained from scratch,
 # 0.02 makes every token's own embedding smaller than the first attention layer's update, so the question
 # words are washed out by the average of hundreds of spatial tokens and the model learns slowly, if at all.
@@ -49,6 +50,10 @@ class ModelConfig:
     num_heads: int = 4
     intermediate_size: int = 384
     position_hidden: int = 64  # width of the 3D position MLP
+    # Random Fourier features of the 3D point feed the position MLP with the point itself (0: the point only).
+    # They are there so that attention can find what is near an object, which relation questions ask (see
+    # SpatialEncoder); within the 45-minute recipe they did not measurably raise relation accuracy (README).
+    position_frequencies: int = 32
     aligned_projector: bool = True  # start the projector at stage-1 alignment (see align_projector)
     tie_embeddings: bool = True  # LM head = word embeddings: a copied word embedding is already its own logit
     # Spatial tokens are ordered by voxel, not by anything a sequence position means; a large RoPE base keeps
@@ -73,10 +78,14 @@ class SpatialEncoder(nn.Module):
     """Pooled patch feature -> LLM embedding: linear projection + learned 3D position embedding (LLaVA-3D),
     RMS-normalised so spatial tokens enter the decoder at the scale of word embeddings (see WORD_EMBED_STD)."""
 
-    def __init__(self, feature_dim: int, hidden_size: int, position_hidden: int):
+    def __init__(self, feature_dim: int, hidden_size: int, position_hidden: int, position_frequencies: int = 0):
         super().__init__()
         self.feature_proj = nn.Linear(feature_dim, hidden_size)
-        self.position_mlp = nn.Sequential(nn.Linear(3, position_hidden), nn.ReLU(), nn.Linear(position_hidden, hidden_size))
+        # Fixed random frequencies (a buffer, saved with the weights): cos/sin(w . p) make "near in space" a dot
+        # product, cos(w . (p - q)) summed over w, which attention computes directly (random Fourier features).
+        self.register_buffer("frequencies", torch.randn(3, position_frequencies) * FREQUENCY_STD)
+        self.position_mlp = nn.Sequential(nn.Linear(3 + 2 * position_frequencies, position_hidden), nn.ReLU(),
+                                          nn.Linear(position_hidden, hidden_size))
         self.norm = nn.RMSNorm(hidden_size)
         # The position embedding starts at zero and grows as training finds use for it, so early on a token
         # is what it shows (class, colour), not a random position vector of the same size.
@@ -84,7 +93,10 @@ class SpatialEncoder(nn.Module):
         nn.init.zeros_(self.position_mlp[-1].bias)
 
     def forward(self, features: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.feature_proj(features) + self.position_mlp((points - POSITION_CENTRE) / POSITION_SCALE))
+        p = (points - POSITION_CENTRE) / POSITION_SCALE
+        angles = p @ self.frequencies
+        position = self.position_mlp(torch.cat([p, torch.cos(angles), torch.sin(angles)], -1))
+        return self.norm(self.feature_proj(features) + position)
 
 
 @torch.no_grad()
@@ -151,7 +163,8 @@ class TestbedModel(nn.Module):
         if model_config.tie_embeddings:
             llm.tie_weights()
             nn.init.constant_(llm.model.norm.weight, TIED_HEAD_SCALE)
-        encoder = SpatialEncoder(spatial_config.feature_dim, model_config.hidden_size, model_config.position_hidden)
+        encoder = SpatialEncoder(spatial_config.feature_dim, model_config.hidden_size, model_config.position_hidden,
+                                 model_config.position_frequencies)
         if model_config.aligned_projector:
             align_projector(encoder, llm, tokenizer, spatial_config)
         return cls(llm, encoder, tokenizer, model_config, spatial_config)
@@ -250,7 +263,8 @@ def load(path: str | os.PathLike | None = None) -> TestbedModel:
     meta = json.loads((path / "testbed.json").read_text())
     model_config, spatial_config = ModelConfig(**meta["model"]), SpatialConfig(**meta["spatial"])
     llm = LlamaForCausalLM.from_pretrained(path, local_files_only=True)
-    encoder = SpatialEncoder(spatial_config.feature_dim, model_config.hidden_size, model_config.position_hidden)
+    encoder = SpatialEncoder(spatial_config.feature_dim, model_config.hidden_size, model_config.position_hidden,
+                             model_config.position_frequencies)
     encoder.load_state_dict(load_file(str(path / "encoder.safetensors")))
     model = TestbedModel(llm, encoder, load_tokenizer(str(path / "tokenizer.json")), model_config, spatial_config)
     return model.eval()

@@ -8,6 +8,7 @@ by a clear margin, so every question has exactly one right answer.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -138,13 +139,15 @@ def candidate_questions(scene: Scene, rng: np.random.Generator) -> dict[str, lis
     return out
 
 
-def sample_questions(scene: Scene, rng: np.random.Generator, per_type: int,
+def sample_questions(scene: Scene, rng: np.random.Generator, per_type: int | Mapping[str, int],
                      visible: set[int] | None = None) -> list[Question]:
-    """Up to `per_type` questions of each type, answerable from the visible objects, in a shuffled order.
-    Existence and counting are balanced: half the existence answers are "no", and counting favours
-    classes with several instances (otherwise nearly every count would be "one")."""
+    """Up to `per_type` questions of each type (or `per_type[qtype]`), answerable from the visible objects, in a
+    shuffled order. Existence and counting are balanced: half the existence answers are "no", and counting
+    favours classes with several instances (otherwise nearly every count would be "one")."""
+    counts = per_type if isinstance(per_type, Mapping) else dict.fromkeys(QUESTION_TYPES, per_type)
     chosen: list[Question] = []
     for qtype, questions in candidate_questions(scene, rng).items():
+        n = counts[qtype]
         if visible is not None:
             questions = [q for q in questions if set(q.referents) <= visible]
         if not questions:
@@ -153,13 +156,13 @@ def sample_questions(scene: Scene, rng: np.random.Generator, per_type: int,
             yes = [q for q in questions if q.answer == "yes"]
             no = [q for q in questions if q.answer == "no"]
             pools = [p for p in (yes, no) if p]
-            picks = [pools[int(rng.integers(len(pools)))] for _ in range(per_type)]
+            picks = [pools[int(rng.integers(len(pools)))] for _ in range(n)]
             chosen += [p[int(rng.integers(len(p)))] for p in picks]
             continue
         weights = np.ones(len(questions))
         if qtype == "counting":
             weights = np.array([1.0 if q.answer == "one" else 3.0 for q in questions])
-        k = min(per_type, len(questions))
+        k = min(n, len(questions))
         idx = rng.choice(len(questions), size=k, replace=False, p=weights / weights.sum())
         chosen += [questions[i] for i in idx]
     order = rng.permutation(len(chosen))

@@ -1,7 +1,7 @@
 """Train the testbed from scratch on CPU: seeded, resumable, loss on answer tokens only.
 
 Each training sequence is one fresh train-split scene followed by a multi-turn dialogue about it
-(`per_type` questions of every type, shuffled), as LLaVA-3D's instruction data has several turns per
+(a few questions of every type, shuffled), as LLaVA-3D's instruction data has several turns per
 scene: the spatial tokens, the costly part of a sequence, are then paid once for ~10 answers. The
 first turn has exactly the single-question layout used at test time. A batch is a pure function of
 (seed, step), so a resumed run sees the same data as an uninterrupted one.
@@ -31,9 +31,10 @@ from adatoken.testbed.tokenizer import dialogue_ids
 class TrainConfig:
     out: str = "runs/testbed"
     seed: int = 0
-    steps: int = 2000
+    steps: int = 1450
     batch_size: int = 16
     per_type: int = 2  # questions of each type per training dialogue
+    geometry_per_type: int = 4  # relation and situated questions per dialogue: the types that need most practice
     # Training cycles through this many train scenes (fresh questions on every visit): their spatial tokens are
     # ray-cast once and cached, which removes a third of a short step's time. The split has 200,000.
     scene_pool: int = 2048
@@ -42,11 +43,14 @@ class TrainConfig:
     weight_decay: float = 0.01
     checkpoint_every: int = 25  # steps between resumable checkpoints (a kill loses at most this many)
     # Curriculum: attention finds the few tokens an answer needs much sooner when there are few others in the
-    # sequence, and a step costs a third as much. For `curriculum_hold` steps a scene is one token per object
-    # (its centre voxel); then the other spatial tokens come back at random, linearly, until every token is
-    # there at hold + `curriculum_ramp`. The finished model always sees complete scenes.
-    curriculum_hold: int = 1400
-    curriculum_ramp: int = 300
+    # sequence, and a step costs less. Until step `curriculum_objects` a scene is one token per object (its
+    # centre voxel); then all object tokens (what geometry questions need: a lamp beside the bed's far end is
+    # near the bed, not near its centre); from `curriculum_hold` the floor, wall and ceiling tokens come back at
+    # random, linearly, until every token is there at hold + `curriculum_ramp`. The finished model always sees
+    # complete scenes.
+    curriculum_objects: int = 400
+    curriculum_hold: int = 800
+    curriculum_ramp: int = 250
     describe: bool = True  # end each dialogue with a dense caption turn (see questions.describe)
     eval_every: int = 500  # steps between greedy-answer accuracy checks on calib scenes (0: never)
     threads: int = 2
@@ -63,31 +67,35 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def tokens_kept(cfg: TrainConfig, step: int) -> float:
-    """Fraction of the non-centre spatial tokens a training dialogue sees at `step` (see TrainConfig)."""
+def background_kept(cfg: TrainConfig, step: int) -> float:
+    """Fraction of the floor, wall and ceiling tokens a training dialogue sees at `step` (see TrainConfig)."""
     return float(np.clip((step - cfg.curriculum_hold) / max(1, cfg.curriculum_ramp), 0.0, 1.0))
 
 
-def _thin(tokens: SpatialTokens, keep: float, rng: np.random.Generator) -> SpatialTokens:
+def curriculum_tokens(cfg: TrainConfig, step: int, tokens: SpatialTokens, rng: np.random.Generator) -> SpatialTokens:
+    """The spatial tokens a training dialogue sees at `step`, in voxel order (see TrainConfig)."""
+    keep = background_kept(cfg, step)
     if keep >= 1.0:
         return tokens
-    return tokens.select(tokens.centre | (rng.random(len(tokens)) < keep))  # voxel order is preserved
+    objects = tokens.centre | ((tokens.object_ids >= 0) & (step >= cfg.curriculum_objects))
+    return tokens.select(objects | ((tokens.object_ids < 0) & (rng.random(len(tokens)) < keep)))
 
 
 def training_batch(model: TestbedModel, cfg: TrainConfig, step: int) -> dict[str, torch.Tensor]:
     """Right-padded dialogues for `step` (padding at the end keeps every sample's positions at 0.., as
     generate's left padding + attention-mask positions do)."""
     seeds = split_seeds("train", cfg.scene_pool)
+    per_type = {t: cfg.geometry_per_type if t in ("relation", "situated") else cfg.per_type for t in QUESTION_TYPES}
     spatial, dialogues, flags = [], [], []
     for b in range(cfg.batch_size):
         scene_seed = seeds[(step * cfg.batch_size + b) % len(seeds)]
         rng = np.random.default_rng([cfg.seed, step, b])
         tokens = spatial_tokens_for_seed(scene_seed, cfg.spatial)
-        turns = [(q.question, q.answer) for q in scene_questions(scene_seed, rng, cfg.per_type, cfg.spatial)]
+        turns = [(q.question, q.answer) for q in scene_questions(scene_seed, rng, per_type, cfg.spatial)]
         if cfg.describe:  # last, so that no question can read its answer off the caption
             turns.append((DESCRIBE, describe(scene_for_seed(scene_seed), visible_objects(tokens))))
         ids, is_answer = dialogue_ids(model.tokenizer, turns)
-        spatial.append(_thin(tokens, tokens_kept(cfg, step), rng))
+        spatial.append(curriculum_tokens(cfg, step, tokens, rng))
         dialogues.append(ids)
         flags.append(is_answer)
     return model.embed(spatial, dialogues, flags, padding_side="right")
@@ -172,6 +180,6 @@ def _train(cfg: TrainConfig, progress: bool) -> TestbedModel:
                           "optimizer": optimizer.state_dict(), "config": asdict(cfg), "history": history}, state_path)
     model.eval()
     info = {"train": {"steps": cfg.steps, "seed": cfg.seed, "batch_size": cfg.batch_size, "per_type": cfg.per_type,
-                      "lr": cfg.lr, "final_loss_smoothed": smoothed}}
+                      "geometry_per_type": cfg.geometry_per_type, "lr": cfg.lr, "final_loss_smoothed": smoothed}}
     model.save(cfg.export or out / "model", extra=info)
     return model
