@@ -263,6 +263,25 @@ def test_curriculum_shows_centres_then_objects_then_everything():
     assert seen(30) is tokens
 
 
+def test_checkpoints_from_before_fourier_features_still_load(tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    cfg = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, position_hidden=16,
+                      position_frequencies=0)
+    model = testbed_model.TestbedModel.create(cfg, seed=1)
+    model.save(tmp_path)
+    weights = load_file(str(tmp_path / "encoder.safetensors"))  # rewrite it as session-2 code did
+    del weights["frequencies"]
+    save_file(weights, str(tmp_path / "encoder.safetensors"))
+    meta = json.loads((tmp_path / "testbed.json").read_text())
+    del meta["model"]["position_frequencies"]
+    (tmp_path / "testbed.json").write_text(json.dumps(meta))
+    samples = load_split("test", num_scenes=1)[:3]
+    assert load(tmp_path).answer(samples) == model.eval().answer(samples)
+
+
 def test_tiny_training_lowers_loss_and_resumes(tmp_path):
     model_cfg = ModelConfig(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128, position_hidden=32)
     cfg = TrainConfig(out=str(tmp_path), steps=20, batch_size=4, per_type=1, lr=3e-3, warmup=2, eval_every=0,

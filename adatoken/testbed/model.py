@@ -78,7 +78,7 @@ class SpatialEncoder(nn.Module):
     """Pooled patch feature -> LLM embedding: linear projection + learned 3D position embedding (LLaVA-3D),
     RMS-normalised so spatial tokens enter the decoder at the scale of word embeddings (see WORD_EMBED_STD)."""
 
-    def __init__(self, feature_dim: int, hidden_size: int, position_hidden: int, position_frequencies: int = 0):
+    def __init__(self, feature_dim: int, hidden_size: int, position_hidden: int, position_frequencies: int):
         super().__init__()
         self.feature_proj = nn.Linear(feature_dim, hidden_size)
         # Fixed random frequencies (a buffer, saved with the weights): cos/sin(w . p) make "near in space" a dot
@@ -261,10 +261,13 @@ def load(path: str | os.PathLike | None = None) -> TestbedModel:
         hint = " (train one with `adatoken testbed train`)" if path == SHIPPED_CHECKPOINT else ""
         raise FileNotFoundError(f"no testbed checkpoint in {path}: testbed.json is missing{hint}")
     meta = json.loads((path / "testbed.json").read_text())
-    model_config, spatial_config = ModelConfig(**meta["model"]), SpatialConfig(**meta["spatial"])
+    model_config = ModelConfig(**{"position_frequencies": 0, **meta["model"]})  # older checkpoints had none
+    spatial_config = SpatialConfig(**meta["spatial"])
     llm = LlamaForCausalLM.from_pretrained(path, local_files_only=True)
     encoder = SpatialEncoder(spatial_config.feature_dim, model_config.hidden_size, model_config.position_hidden,
                              model_config.position_frequencies)
-    encoder.load_state_dict(load_file(str(path / "encoder.safetensors")))
+    weights = load_file(str(path / "encoder.safetensors"))
+    weights.setdefault("frequencies", torch.zeros(3, 0))  # checkpoints from before the Fourier features lack it
+    encoder.load_state_dict(weights)
     model = TestbedModel(llm, encoder, load_tokenizer(str(path / "tokenizer.json")), model_config, spatial_config)
     return model.eval()
