@@ -2,7 +2,7 @@
 
 Each training sequence is one fresh train-split scene followed by a multi-turn dialogue about it
 (a few questions of every type, shuffled), as LLaVA-3D's instruction data has several turns per
-scene: the spatial tokens, the costly part of a sequence, are then paid once for ~10 answers. The
+scene: the spatial tokens, the costly part of a sequence, are then paid once for about 14 answers. The
 first turn has exactly the single-question layout used at test time. A batch is a pure function of
 (seed, step), so a resumed run sees the same data as an uninterrupted one.
 """
