@@ -11,7 +11,7 @@ from adatoken.testbed import model as testbed_model
 from adatoken.testbed.model import ModelConfig, load
 from adatoken.testbed.scenes import CLASS_NAMES, Scene, SceneObject, generate_scene
 from adatoken.testbed.spatial import SpatialConfig, build_spatial_tokens, spatial_tokens_for_seed, voxel_pool
-from adatoken.testbed.tokenizer import build_tokenizer, load_tokenizer, words
+from adatoken.testbed.tokenizer import build_tokenizer, dialogue_ids, load_tokenizer, words
 from adatoken.testbed.train import TrainConfig, curriculum_tokens, train, training_batch
 
 
@@ -188,12 +188,13 @@ def test_probe_scores_find_a_linear_signal_and_only_that():
     assert probe_scores(rng.normal(size=(400, 32)), target, r_squared) < 0.1
 
 
-def test_shipped_model_fetches_colour_at_the_object_word(shipped):
+def test_shipped_model_fetches_colour_and_position_at_the_object_word(shipped):
     from adatoken.testbed.probe import probe_object_word
 
     rows = probe_object_word(shipped, num_scenes=200, progress=False)
     assert [r["layer"] for r in rows] == list(range(shipped.llm.config.num_hidden_layers + 1))
     assert rows[0]["colour_accuracy"] < 0.5 < 0.9 < rows[1]["colour_accuracy"]  # the word alone has no colour
+    assert rows[0]["position_r2"] < 0.2 < 0.8 < rows[1]["position_r2"]  # ... nor a place: the first layer fetches it
     with pytest.raises(ValueError, match="probes need >= 40: raise num_scenes"):
         probe_object_word(shipped, num_scenes=5, progress=False)
 
@@ -205,6 +206,8 @@ def test_testbed_cli_refuses_non_positive_counts():
         main(["testbed", "probe", "--num-scenes", "0"])
     with pytest.raises(SystemExit, match="--geometry-per-type must be a positive integer, got -1"):
         main(["testbed", "train", "--geometry-per-type", "-1"])
+    with pytest.raises(SystemExit, match="--grounding must be >= 0, got -0.5"):
+        main(["testbed", "train", "--grounding", "-0.5"])
 
 
 def test_fresh_model_starts_with_copy_heads_and_aligned_words():
@@ -263,6 +266,46 @@ def test_curriculum_shows_centres_then_objects_then_everything():
     assert seen(30) is tokens
 
 
+def test_grounding_targets_are_object_words_and_answer_objects():
+    from adatoken.testbed.grounding import grounding_targets
+
+    room, tokenizer = _room(), build_tokenizer()
+    asked = [Q.Question("relation", "What is closest to the lamp?", "sofa", (2, 0)),
+             Q.Question("counting", "How many chairs are there?", "two", (3, 4)),
+             Q.Question("situated", "I am at the sofa facing the tv. Is the lamp on my left or right?", "left", (0, 1, 2)),
+             Q.Question("situated", "I am at the sofa facing the tv. What is on my left?", "shelf", (0, 1, 6))]
+    ids, is_answer = dialogue_ids(tokenizer, [(q.question, q.answer) for q in asked])
+    found = grounding_targets(room, set(range(7)), asked, ids, is_answer, tokenizer)
+    scaled = lambda x, y: ((np.array([x, y]) - testbed_model.POSITION_CENTRE) / testbed_model.POSITION_SCALE)  # noqa: E731
+    lamp, sofa, tv, shelf = scaled(0.45, 1.45), scaled(1.5, 0.55), scaled(3.0, 4.96), scaled(0.175, 4.0)
+    indices, positions = found["word"]
+    # "chairs" is not a unique object's word, and answers ("sofa", "shelf") are not prompt words
+    assert tokenizer.convert_ids_to_tokens([ids[i] for i in indices]) == ["lamp", "sofa", "tv", "lamp", "sofa", "tv"]
+    np.testing.assert_allclose(positions, [lamp, sofa, tv, lamp, sofa, tv])
+    indices, positions = found["answer"]  # relation and object-answered situated questions, not "left or right"
+    assert [tokenizer.convert_ids_to_tokens(ids[i + 1]) for i in indices] == ["sofa", "shelf"]
+    assert all(tokenizer.convert_ids_to_tokens(ids[i]) == ":" and not is_answer[i] for i in indices)
+    np.testing.assert_allclose(positions, [sofa, shelf])
+    unseen_lamp = grounding_targets(room, {0, 1, 6}, asked, ids, is_answer, tokenizer)["word"][0]
+    assert tokenizer.convert_ids_to_tokens([ids[i] for i in unseen_lamp]) == ["sofa", "tv", "sofa", "tv"]
+
+
+def test_grounding_heads_regress_positions_and_check_layers():
+    from adatoken.testbed.grounding import GroundingHeads
+
+    heads = GroundingHeads(hidden_size=8, num_layers=2, word_layer=1, answer_layer=2)
+    hidden = tuple(torch.randn(2, 5, 8) for _ in range(3))
+    batch = {"word_rows": torch.tensor([0, 1]), "word_cols": torch.tensor([3, 4]), "word_positions": torch.zeros(2, 2),
+             "answer_rows": torch.tensor([], dtype=torch.long), "answer_cols": torch.tensor([], dtype=torch.long),
+             "answer_positions": torch.zeros(0, 2)}
+    losses = heads.loss(hidden, batch)
+    expected = heads.heads["word"](hidden[1][[0, 1], [3, 4]]).pow(2).mean()
+    torch.testing.assert_close(losses["word"], expected)
+    assert losses["answer"].item() == 0.0  # no relation/situated answer in the batch: nothing to regress
+    with pytest.raises(ValueError, match=r"answer grounding layer must be in 0\.\.2 .* got 4"):
+        GroundingHeads(hidden_size=8, num_layers=2, word_layer=1, answer_layer=4)
+
+
 def test_checkpoints_from_before_fourier_features_still_load(tmp_path):
     import json
 
@@ -285,7 +328,7 @@ def test_checkpoints_from_before_fourier_features_still_load(tmp_path):
 def test_tiny_training_lowers_loss_and_resumes(tmp_path):
     model_cfg = ModelConfig(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128, position_hidden=32)
     cfg = TrainConfig(out=str(tmp_path), steps=20, batch_size=4, per_type=1, lr=3e-3, warmup=2, eval_every=0,
-                      checkpoint_every=10, threads=1, model=model_cfg)
+                      checkpoint_every=10, threads=1, model=model_cfg, grounding_layers=(1, 2))
 
     def held_out_loss(model) -> float:
         batch = training_batch(model, cfg, step=10_000)

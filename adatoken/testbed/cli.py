@@ -28,6 +28,9 @@ def register(subparsers) -> None:
     train.add_argument("--geometry-per-type", type=int, default=None,
                        help="relation and situated questions per dialogue (default: recipe's)")
     train.add_argument("--lr", type=float, default=None, help="peak learning rate (default: recipe's)")
+    train.add_argument("--grounding", type=float, default=None,
+                       help="weight of the auxiliary 3D grounding losses, training-only heads that regress object "
+                            "positions (see adatoken/testbed/grounding.py; 0: none; default: recipe's)")
     train.add_argument("--checkpoint-every", type=int, default=None, help="steps between resumable checkpoints")
     train.add_argument("--eval-every", type=int, default=None, help="steps between calib accuracy checks (0: never)")
     train.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
@@ -68,8 +71,11 @@ def _train(args: argparse.Namespace) -> int:
 
     for name in ("steps", "batch_size", "per_type", "geometry_per_type", "threads"):
         _positive("--" + name.replace("_", "-"), getattr(args, name))
+    if args.grounding is not None and args.grounding < 0:
+        raise SystemExit(f"error: --grounding must be >= 0, got {args.grounding}")
     overrides = {k: getattr(args, k) for k in ("steps", "batch_size", "per_type", "geometry_per_type", "lr",
-                                               "checkpoint_every", "eval_every") if getattr(args, k) is not None}
+                                               "grounding", "checkpoint_every", "eval_every")
+                 if getattr(args, k) is not None}
     cfg = TrainConfig(**overrides, out=args.out, seed=args.seed, threads=args.threads, export=args.export)
     train(cfg, progress=not args.quiet)
     print(f"model written to {cfg.export or cfg.out + '/model'}")

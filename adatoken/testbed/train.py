@@ -1,10 +1,11 @@
-"""Train the testbed from scratch on CPU: seeded, resumable, loss on answer tokens only.
+"""Train the testbed from scratch on CPU: seeded, resumable, loss on answer tokens (plus grounding, below).
 
 Each training sequence is one fresh train-split scene followed by a multi-turn dialogue about it
 (a few questions of every type, shuffled), as LLaVA-3D's instruction data has several turns per
 scene: the spatial tokens, the costly part of a sequence, are then paid once for about 14 answers. The
-first turn has exactly the single-question layout used at test time. A batch is a pure function of
-(seed, step), so a resumed run sees the same data as an uninterrupted one.
+first turn has exactly the single-question layout used at test time. Besides the answers' cross-entropy,
+two training-only linear heads regress object positions from hidden states (grounding.py). A batch is a
+pure function of (seed, step), so a resumed run sees the same data as an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -20,18 +21,19 @@ import torch
 from tqdm import tqdm
 
 from adatoken.testbed.data import load_split, scene_questions, split_seeds, visible_objects
+from adatoken.testbed.grounding import GROUNDING_HEADS, GroundingHeads, grounding_targets
 from adatoken.testbed.questions import DESCRIBE, QUESTION_TYPES, describe
 from adatoken.testbed.scenes import scene_for_seed
 from adatoken.testbed.model import ModelConfig, TestbedModel
 from adatoken.testbed.spatial import SpatialConfig, SpatialTokens, spatial_tokens_for_seed
-from adatoken.testbed.tokenizer import dialogue_ids
+from adatoken.testbed.tokenizer import dialogue_ids, system_ids
 
 
 @dataclass
 class TrainConfig:
     out: str = "runs/testbed"
     seed: int = 0
-    steps: int = 1450
+    steps: int = 1650
     batch_size: int = 16
     per_type: int = 2  # questions of each type per training dialogue
     geometry_per_type: int = 4  # relation and situated questions per dialogue: the types that need most practice
@@ -52,6 +54,10 @@ class TrainConfig:
     curriculum_hold: int = 800
     curriculum_ramp: int = 250
     describe: bool = True  # end each dialogue with a dense caption turn (see questions.describe)
+    # Weight of the auxiliary 3D grounding losses (grounding.py; 0: none) and the hidden_states index each head
+    # reads: object words after the first layer (where colour is fetched), answers after the fourth.
+    grounding: float = 1.0
+    grounding_layers: tuple[int, int] = (1, 4)
     eval_every: int = 500  # steps between greedy-answer accuracy checks on calib scenes (0: never)
     threads: int = 2
     export: str | None = None  # where the final model folder goes; default <out>/model
@@ -83,22 +89,39 @@ def curriculum_tokens(cfg: TrainConfig, step: int, tokens: SpatialTokens, rng: n
 
 def training_batch(model: TestbedModel, cfg: TrainConfig, step: int) -> dict[str, torch.Tensor]:
     """Right-padded dialogues for `step` (padding at the end keeps every sample's positions at 0.., as
-    generate's left padding + attention-mask positions do)."""
+    generate's left padding + attention-mask positions do), with the grounding heads' targets: for each head,
+    `<head>_rows`/`<head>_cols` index the batch and `<head>_positions` are the floor positions there."""
     seeds = split_seeds("train", cfg.scene_pool)
     per_type = {t: cfg.geometry_per_type if t in ("relation", "situated") else cfg.per_type for t in QUESTION_TYPES}
     spatial, dialogues, flags = [], [], []
+    grounding = {head: ([], [], []) for head in GROUNDING_HEADS}  # rows, cols, positions
     for b in range(cfg.batch_size):
         scene_seed = seeds[(step * cfg.batch_size + b) % len(seeds)]
         rng = np.random.default_rng([cfg.seed, step, b])
         tokens = spatial_tokens_for_seed(scene_seed, cfg.spatial)
-        turns = [(q.question, q.answer) for q in scene_questions(scene_seed, rng, per_type, cfg.spatial)]
+        scene, visible = scene_for_seed(scene_seed), visible_objects(tokens)
+        questions = scene_questions(scene_seed, rng, per_type, cfg.spatial)
+        turns = [(q.question, q.answer) for q in questions]
         if cfg.describe:  # last, so that no question can read its answer off the caption
-            turns.append((DESCRIBE, describe(scene_for_seed(scene_seed), visible_objects(tokens))))
+            turns.append((DESCRIBE, describe(scene, visible)))
         ids, is_answer = dialogue_ids(model.tokenizer, turns)
-        spatial.append(curriculum_tokens(cfg, step, tokens, rng))
+        seen = curriculum_tokens(cfg, step, tokens, rng)
+        spatial.append(seen)
         dialogues.append(ids)
         flags.append(is_answer)
-    return model.embed(spatial, dialogues, flags, padding_side="right")
+        offset = len(system_ids(model.tokenizer)) + len(seen)  # where the dialogue starts in the padded row
+        for head, (indices, positions) in grounding_targets(scene, visible, questions, ids, is_answer,
+                                                            model.tokenizer).items():
+            rows, cols, floor = grounding[head]
+            rows += [b] * len(indices)
+            cols += [offset + i for i in indices]
+            floor += positions
+    batch = model.embed(spatial, dialogues, flags, padding_side="right")
+    for head, (rows, cols, floor) in grounding.items():
+        batch[f"{head}_rows"] = torch.tensor(rows, dtype=torch.long)
+        batch[f"{head}_cols"] = torch.tensor(cols, dtype=torch.long)
+        batch[f"{head}_positions"] = torch.tensor(np.array(floor), dtype=torch.float32).reshape(-1, 2)
+    return batch
 
 
 def _atomic_save(obj, path: Path) -> None:
@@ -107,7 +130,8 @@ def _atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _resume(model: TestbedModel, optimizer: torch.optim.Optimizer, cfg: TrainConfig, state_path: Path) -> tuple[int, list]:
+def _resume(model: TestbedModel, heads: GroundingHeads, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
+            state_path: Path) -> tuple[int, list]:
     if not state_path.is_file():
         return 0, []
     state = torch.load(state_path, weights_only=False)
@@ -118,6 +142,7 @@ def _resume(model: TestbedModel, optimizer: torch.optim.Optimizer, cfg: TrainCon
                          f"use another --out or delete it. saved={saved} wanted={wanted}")
     model.llm.load_state_dict(state["llm"])
     model.encoder.load_state_dict(state["encoder"])
+    heads.load_state_dict(state["grounding"])
     optimizer.load_state_dict(state["optimizer"])
     return state["step"], state["history"]
 
@@ -146,29 +171,34 @@ def _train(cfg: TrainConfig, progress: bool) -> TestbedModel:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     model = TestbedModel.create(cfg.model, cfg.spatial, seed=cfg.seed).train()
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or "embed" in n]
+    heads = GroundingHeads(cfg.model.hidden_size, cfg.model.num_layers, *cfg.grounding_layers)  # training only: not saved in the model
+    parameters = [*model.named_parameters(), *heads.named_parameters()]
+    decay = [p for n, p in parameters if p.dim() >= 2 and "embed" not in n]
+    no_decay = [p for n, p in parameters if p.dim() < 2 or "embed" in n]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
     state_path, log_path = out / "state.pt", out / "train_log.jsonl"
-    start, history = _resume(model, optimizer, cfg, state_path)
+    start, history = _resume(model, heads, optimizer, cfg, state_path)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="testbed train", disable=not progress)
     smoothed, started = None, time.time()
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(cfg, step)
         batch = training_batch(model, cfg, step)
-        loss = model.llm(inputs_embeds=batch["inputs_embeds"], attention_mask=batch["attention_mask"],
-                         labels=batch["labels"]).loss
+        outputs = model.llm(inputs_embeds=batch["inputs_embeds"], attention_mask=batch["attention_mask"],
+                            labels=batch["labels"], output_hidden_states=cfg.grounding > 0)
+        grounding = heads.loss(outputs.hidden_states, batch) if cfg.grounding > 0 else {}
+        loss = outputs.loss + cfg.grounding * sum(grounding.values())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for _, p in parameters], 1.0)
         optimizer.step()
         smoothed = loss.item() if smoothed is None else 0.95 * smoothed + 0.05 * loss.item()
         history.append(loss.item())
         bar.set_postfix(loss=f"{smoothed:.3f}", lr=f"{learning_rate(cfg, step):.1e}")
         done = step + 1
         record = {"step": done, "loss": loss.item(), "smoothed": smoothed,
+                  "grounding": {head: value.item() for head, value in grounding.items()},
                   "steps_per_s": (done - start) / (time.time() - started)}
         if cfg.eval_every and done % cfg.eval_every == 0:
             record["calib_accuracy"] = calib_accuracy(model)
@@ -177,9 +207,11 @@ def _train(cfg: TrainConfig, progress: bool) -> TestbedModel:
             f.write(json.dumps(record) + "\n")
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             _atomic_save({"step": done, "llm": model.llm.state_dict(), "encoder": model.encoder.state_dict(),
-                          "optimizer": optimizer.state_dict(), "config": asdict(cfg), "history": history}, state_path)
+                          "grounding": heads.state_dict(), "optimizer": optimizer.state_dict(), "config": asdict(cfg),
+                          "history": history}, state_path)
     model.eval()
     info = {"train": {"steps": cfg.steps, "seed": cfg.seed, "batch_size": cfg.batch_size, "per_type": cfg.per_type,
-                      "geometry_per_type": cfg.geometry_per_type, "lr": cfg.lr, "final_loss_smoothed": smoothed}}
+                      "geometry_per_type": cfg.geometry_per_type, "lr": cfg.lr, "grounding": cfg.grounding,
+                      "final_loss_smoothed": smoothed}}
     model.save(cfg.export or out / "model", extra=info)
     return model
