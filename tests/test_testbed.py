@@ -1,6 +1,8 @@
 """The embedded testbed: scenes, spatial tokens, questions, tokenizer, model round trip, training."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -272,11 +274,15 @@ def test_grounding_targets_are_object_words_and_answer_objects():
     room, tokenizer = _room(), build_tokenizer()
     asked = [Q.Question("relation", "What is closest to the lamp?", "sofa", (2, 0)),
              Q.Question("counting", "How many chairs are there?", "two", (3, 4)),
-             Q.Question("situated", "I am at the sofa facing the tv. Is the lamp on my left or right?", "left", (0, 1, 2)),
+             Q.Question("situated", "I am at the sofa facing the tv. Is the lamp on my left or right?", "left",
+                        (0, 1, 2)),
              Q.Question("situated", "I am at the sofa facing the tv. What is on my left?", "shelf", (0, 1, 6))]
     ids, is_answer = dialogue_ids(tokenizer, [(q.question, q.answer) for q in asked])
     found = grounding_targets(room, set(range(7)), asked, ids, is_answer, tokenizer)
-    scaled = lambda x, y: ((np.array([x, y]) - testbed_model.POSITION_CENTRE) / testbed_model.POSITION_SCALE)  # noqa: E731
+
+    def scaled(x: float, y: float) -> np.ndarray:
+        return (np.array([x, y]) - testbed_model.POSITION_CENTRE) / testbed_model.POSITION_SCALE
+
     lamp, sofa, tv, shelf = scaled(0.45, 1.45), scaled(1.5, 0.55), scaled(3.0, 4.96), scaled(0.175, 4.0)
     indices, positions = found["word"]
     # "chairs" is not a unique object's word, and answers ("sofa", "shelf") are not prompt words
@@ -344,3 +350,5 @@ def test_tiny_training_lowers_loss_and_resumes(tmp_path):
     resumed = train(cfg, progress=False)  # state.pt says all 20 steps are done: nothing is retrained
     for a, b in zip(resumed.llm.parameters(), trained.llm.parameters()):
         torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="written by a different training configuration"):
+        train(dataclasses.replace(cfg, grounding=0.0), progress=False)  # another recipe must not resume this one

@@ -52,7 +52,7 @@ class ModelConfig:
     position_hidden: int = 64  # width of the 3D position MLP
     # Random Fourier features of the 3D point feed the position MLP with the point itself (0: the point only).
     # They are there so that attention can find what is near an object, which relation questions ask (see
-    # SpatialEncoder); trained without the grounding heads (grounding.py), relation accuracy did not change with them.
+    # SpatialEncoder); trained without the grounding heads (grounding.py), relation accuracy did not change.
     position_frequencies: int = 32
     aligned_projector: bool = True  # start the projector at stage-1 alignment (see align_projector)
     tie_embeddings: bool = True  # LM head = word embeddings: a copied word embedding is already its own logit

@@ -135,8 +135,9 @@ def _resume(model: TestbedModel, heads: GroundingHeads, optimizer: torch.optim.O
     if not state_path.is_file():
         return 0, []
     state = torch.load(state_path, weights_only=False)
-    saved = {k: v for k, v in state["config"].items() if k not in ("threads", "eval_every", "export", "out")}
-    wanted = {k: v for k, v in asdict(cfg).items() if k in saved}
+    not_recipe = ("threads", "eval_every", "export", "out")  # settings that do not change the weights
+    saved = {k: v for k, v in state["config"].items() if k not in not_recipe}
+    wanted = {k: v for k, v in asdict(cfg).items() if k not in not_recipe}
     if saved != wanted:
         raise ValueError(f"{state_path} was written by a different training configuration; "
                          f"use another --out or delete it. saved={saved} wanted={wanted}")
@@ -171,7 +172,7 @@ def _train(cfg: TrainConfig, progress: bool) -> TestbedModel:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     model = TestbedModel.create(cfg.model, cfg.spatial, seed=cfg.seed).train()
-    heads = GroundingHeads(cfg.model.hidden_size, cfg.model.num_layers, *cfg.grounding_layers)  # training only: not saved in the model
+    heads = GroundingHeads(cfg.model.hidden_size, cfg.model.num_layers, *cfg.grounding_layers)  # not in the model
     parameters = [*model.named_parameters(), *heads.named_parameters()]
     decay = [p for n, p in parameters if p.dim() >= 2 and "embed" not in n]
     no_decay = [p for n, p in parameters if p.dim() < 2 or "embed" in n]
