@@ -18,17 +18,11 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerFast
 
-from adatoken.testbed.model import POSITION_CENTRE, POSITION_SCALE
-from adatoken.testbed.questions import Question
+from adatoken.testbed.model import scaled_position
+from adatoken.testbed.questions import Question, unique_classes
 from adatoken.testbed.scenes import Scene
 
 GROUNDING_HEADS = ("word", "answer")
-
-
-def floor_position(scene: Scene, object_id: int) -> np.ndarray:
-    """An object's centre on the floor plane, scaled as the position MLP's input is."""
-    obj = next(o for o in scene.objects if o.object_id == object_id)
-    return (obj.centre[:2] - POSITION_CENTRE) / POSITION_SCALE
 
 
 def grounding_targets(scene: Scene, visible: set[int], questions: list[Question], ids: list[int],
@@ -37,19 +31,19 @@ def grounding_targets(scene: Scene, visible: set[int], questions: list[Question]
     """Per head, dialogue indices and the floor positions to regress there. `ids`/`is_answer` are the dialogue
     of `questions` (in order, possibly followed by more turns) as tokenizer.dialogue_ids builds it. Object
     words are prompt words naming a class that has exactly one object in the scene, a visible one."""
-    unique = {o.cls: o.object_id for o in scene.objects if o.object_id in visible and scene.count(o.cls) == 1}
-    word_ids = {tokenizer.convert_tokens_to_ids(cls): object_id for cls, object_id in unique.items()}
+    floor = {o.object_id: scaled_position(o.centre[:2]) for o in scene.objects}  # the centre on the floor plane
+    named = {tokenizer.convert_tokens_to_ids(cls): scene.find(cls).object_id for cls in unique_classes(scene)}
     targets = {head: ([], []) for head in GROUNDING_HEADS}
     for i, (token, answer) in enumerate(zip(ids, is_answer, strict=True)):
-        if not answer and token in word_ids:
+        if not answer and named.get(token) in visible:
             targets["word"][0].append(i)
-            targets["word"][1].append(floor_position(scene, word_ids[token]))
+            targets["word"][1].append(floor[named[token]])
     # The token before an answer's first token is where the answer is predicted from (the ":" of ASSISTANT:).
     answer_starts = [i for i in range(1, len(ids)) if is_answer[i] and not is_answer[i - 1]]
     for question, start in zip(questions, answer_starts):
         if question.qtype in ("relation", "situated") and question.answer not in ("left", "right"):
             targets["answer"][0].append(start - 1)
-            targets["answer"][1].append(floor_position(scene, question.referents[-1]))
+            targets["answer"][1].append(floor[question.referents[-1]])
     return targets
 
 

@@ -29,6 +29,13 @@ from adatoken.testbed.tokenizer import build_tokenizer, dialogue_ids, load_token
 
 SHIPPED_CHECKPOINT = Path(__file__).parent / "checkpoint"
 POSITION_CENTRE, POSITION_SCALE = 2.5, 2.0  # metres: rooms span about 0..7 m, so MLP inputs sit near [-1, 2]
+
+
+def scaled_position(points: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+    """Metres -> the position MLP's input scale (also the grounding heads' target scale)."""
+    return (points - POSITION_CENTRE) / POSITION_SCALE
+
+
 FREQUENCY_STD = 4.0  # per scaled unit: cos(w . d) averaged over w falls to 1/e at |d| ~ 0.7 m
 # Word embeddings start at unit scale per component (not Llama's 0.02): in a small model trained from scratch,
 # 0.02 makes every token's own embedding smaller than the first attention layer's update, so the question
@@ -93,7 +100,7 @@ class SpatialEncoder(nn.Module):
         nn.init.zeros_(self.position_mlp[-1].bias)
 
     def forward(self, features: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-        p = (points - POSITION_CENTRE) / POSITION_SCALE
+        p = scaled_position(points)
         angles = p @ self.frequencies
         position = self.position_mlp(torch.cat([p, torch.cos(angles), torch.sin(angles)], -1))
         return self.norm(self.feature_proj(features) + position)
