@@ -352,3 +352,20 @@ def test_tiny_training_lowers_loss_and_resumes(tmp_path):
         torch.testing.assert_close(a, b)
     with pytest.raises(ValueError, match="written by a different training configuration"):
         train(dataclasses.replace(cfg, grounding=0.0), progress=False)  # another recipe must not resume this one
+
+
+def test_training_needs_no_attention_mask():
+    """Training runs without an attention mask (train.py, for speed): with the padding at the end of each row and
+    causal attention, every real token's hidden states and the loss are what the mask would give."""
+    model_cfg = ModelConfig(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128, position_hidden=32)
+    model = testbed_model.TestbedModel.create(model_cfg, seed=0)
+    batch = training_batch(model, TrainConfig(batch_size=3, per_type=1, model=model_cfg), step=2_000)
+    real = batch["attention_mask"].bool()
+    assert not real.all()  # rows of different lengths: there is padding the mask would hide
+    with torch.no_grad():
+        masked = model.llm(inputs_embeds=batch["inputs_embeds"], attention_mask=batch["attention_mask"],
+                           labels=batch["labels"], output_hidden_states=True)
+        unmasked = model.llm(inputs_embeds=batch["inputs_embeds"], labels=batch["labels"], output_hidden_states=True)
+    torch.testing.assert_close(unmasked.loss, masked.loss)
+    for with_mask, without in zip(masked.hidden_states, unmasked.hidden_states, strict=True):
+        torch.testing.assert_close(without[real], with_mask[real])

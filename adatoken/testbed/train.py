@@ -186,8 +186,11 @@ def _train(cfg: TrainConfig, progress: bool) -> TestbedModel:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(cfg, step)
         batch = training_batch(model, cfg, step)
-        outputs = model.llm(inputs_embeds=batch["inputs_embeds"], attention_mask=batch["attention_mask"],
-                            labels=batch["labels"], output_hidden_states=cfg.grounding > 0)
+        # No attention mask: the padding is at the end of each row and attention is causal, so no real token can
+        # see it anyway. Without a mask SDPA runs its causal kernel, which skips the upper triangle: a full-scene
+        # step is about a third faster and its result unchanged (test_training_needs_no_attention_mask).
+        outputs = model.llm(inputs_embeds=batch["inputs_embeds"], labels=batch["labels"],
+                            output_hidden_states=cfg.grounding > 0)
         grounding = heads.loss(outputs.hidden_states, batch) if cfg.grounding > 0 else {}
         loss = outputs.loss + cfg.grounding * sum(grounding.values())
         optimizer.zero_grad(set_to_none=True)
