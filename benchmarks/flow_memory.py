@@ -1,4 +1,4 @@
-"""Peak memory of `adatoken.flow.analyze` on one long input, for several chunk sizes (CPU).
+"""Peak memory of `adatoken.calibration.flow.analyze` on one long input, for several chunk sizes (CPU).
 
     python benchmarks/flow_memory.py --tokens 4000 --chunk-sizes 64 256 1024 4000 --repeats 3 --out flow_memory.json
 
@@ -40,19 +40,14 @@ def _resident_kib(field: str) -> int:
 
 
 def _model(attn: str):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from adatoken.core import models
 
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=8192)
-    model = LlamaForCausalLM(config)
-    model.set_attn_implementation(attn)
-    return model.eval()
+    return models.build("flow-memory", attn)
 
 
 def _sample(model, tokens: int):
     """system 16 | spatial | prompt 64 | answer 20, as inputs_embeds."""
-    from adatoken.flow import FlowSample
+    from adatoken.calibration.flow import FlowSample
 
     system, prompt, answer = 16, 64, 20
     generator = torch.Generator().manual_seed(0)
@@ -76,7 +71,7 @@ MODES = {  # mode -> row label
 
 def worker(mode: str, tokens: int, chunk_size: int) -> dict:
     """One measurement in this process."""
-    from adatoken.flow import analyze
+    from adatoken.calibration.flow import analyze
 
     torch.set_num_threads(1)
     model = _model("eager" if mode == "eager-maps" else "sdpa")

@@ -1,7 +1,7 @@
 """Time to first token, decode tokens/s, end-to-end latency for 32 new tokens, KV-cache bytes (and
 peak memory on a GPU) at mean spatial retention 0.1, 0.2 and 0.4, batch sizes 1 and 8.
 
-A preset of `adatoken bench` (see adatoken/bench.py for the method). On the GPU:
+A preset of `adatoken bench` (see adatoken/apps/bench.py for the method). On the GPU:
 
     python benchmarks/generate.py --shape llava3d-7b --device cuda --dtype bfloat16 --out llava3d_7b.json
 

@@ -1,6 +1,6 @@
 """Prefill latency of each method at mean spatial retention 0.4 against the unpruned model.
 
-A preset of `adatoken bench` (see adatoken/bench.py for the method): LLaMA-shaped random model,
+A preset of `adatoken bench` (see adatoken/apps/bench.py for the method): LLaMA-shaped random model,
 12 layers, hidden 768, 2,560 spatial + 60 text tokens, batch 1, prefill only, median of 5
 interleaved runs; prints each speedup beside the analytic FLOPs ratio and the ranking's share.
 Extra flags are passed through and override these, e.g. `--out prefill.json`.

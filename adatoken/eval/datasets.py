@@ -298,44 +298,17 @@ def load_jsonl(path: str | Path) -> list[QARecord]:
     return _check_unique(records, path)
 
 
-def load_testbed(path: str | Path | None = None, split: str = "test", num_scenes: int | None = None,
-                 per_type: int = 1) -> list[QARecord]:
-    """The embedded testbed's generated questions (adatoken.testbed.data.load_split) as QARecords.
-
-    path: a testbed checkpoint folder. Its spatial settings (testbed.json) decide which objects the
-    scenes' spatial tokens show, and questions are asked only about those, so they must be the
-    settings of the model being evaluated. None: the shipped checkpoint's, else the defaults.
-    The scene is rebuilt from extra["scene_seed"]. num_scenes: the first N scenes of the split.
-    """
-    # Imported here: reading a benchmark file never needs the testbed (or its scene generator).
-    from adatoken.testbed.data import load_split
-    from adatoken.testbed.model import SHIPPED_CHECKPOINT
-    from adatoken.testbed.spatial import SpatialConfig
-
-    folder = Path(path) if path is not None else SHIPPED_CHECKPOINT
-    settings = folder / "testbed.json"
-    if path is not None or settings.is_file():
-        data = _read_json(settings, "testbed checkpoint settings (testbed.json of a testbed checkpoint folder)")
-        if not isinstance(data, dict) or not isinstance(data.get("spatial"), dict):
-            raise DatasetFormatError(f"{settings}: expected a JSON object with a 'spatial' settings object")
-        spatial = SpatialConfig(**data["spatial"])
-    else:
-        spatial = SpatialConfig()
-    return [
-        QARecord(question_id=s.question_id, scene_id=s.scene_id, question=s.question, answers=list(s.answers),
-                 qtype=s.qtype, extra={"scene_seed": s.scene_seed, "split": split})
-        for s in load_split(split, num_scenes=num_scenes, per_type=per_type, cfg=spatial)
-    ]
-
-
 # name -> loader(path, **options).
 LOADERS: dict[str, Callable[..., list[QARecord]]] = {
     "scanqa": load_scanqa,
     "sqa3d": load_sqa3d,
     "llava3d": load_llava3d,
     "jsonl": load_jsonl,
-    "testbed": load_testbed,
-}
+}  # the testbed adds "testbed" when imported (adatoken.testbed.answerer)
+
+
+def register_loader(name: str, loader: Callable[..., list[QARecord]]) -> None:
+    LOADERS[name] = loader
 
 
 def load_dataset(name: str, path: str | Path, **options) -> list[QARecord]:

@@ -6,14 +6,13 @@
 Accuracy is EM and refined EM (adatoken.eval.metrics), with 95 % Wilson score intervals: the
 binomial interval that stays inside [0, 1] and keeps its coverage at the few hundred questions and
 the extreme accuracies a per-type column has. FLOPs are the analytic prefill FLOPs of each sample at
-the token counts that actually entered each layer (adatoken.flops), averaged over samples. Latency is
+the token counts that actually entered each layer (adatoken.core.flops), averaged over samples. Latency is
 the median over batches of the measured prefill time: wall-clock, so noisy on a shared CPU.
 """
 from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -21,6 +20,7 @@ from pathlib import Path
 
 from adatoken.eval.metrics import SQA3D_TYPES, breakdown, score
 from adatoken.eval.runner import SweepConfig
+from adatoken.core.artifacts import write_atomic, write_json_atomic, write_text_atomic
 
 REPORT_FORMAT = "adatoken.eval.report/v1"
 Z_95 = 1.959963984540054  # two-sided 95 % normal quantile
@@ -137,20 +137,14 @@ def write_report(out: str | Path, rows: list[ReportRow], metrics: dict, context:
     """
     out = Path(out)
     paths = [out / "metrics.json", out / "report.json", out / "report.md", out / "accuracy_vs_flops.png"]
-    _write_text(paths[0], json.dumps({"context": context, "configs": metrics}, indent=2) + "\n")
-    _write_text(paths[1], json.dumps({"format": REPORT_FORMAT, "context": context,
+    write_json_atomic(paths[0], {"context": context, "configs": metrics})
+    write_text_atomic(paths[1], json.dumps({"format": REPORT_FORMAT, "context": context,
                                       "rows": [asdict(r) for r in rows]}, indent=2) + "\n")
-    _write_text(paths[2], to_markdown(rows, context))
+    write_text_atomic(paths[2], to_markdown(rows, context))
     title = (f"EM vs prefill FLOPs: {context.get('model', 'model')} on {context.get('dataset', 'dataset')} "
              f"(n={context.get('num_questions', '?')})")
     plot_accuracy_vs_flops(rows, paths[3], title)
     return paths
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)  # a kill leaves the old file or the new one, never half of one
 
 
 def _pct(acc: Accuracy | None, ci: bool = True) -> str:
@@ -271,7 +265,5 @@ def plot_accuracy_vs_flops(rows: list[ReportRow], path: str | Path, title: str) 
     if ran:
         ax.legend(fontsize=8, loc="best", title="method", title_fontsize=8)
     fig.tight_layout()
-    tmp = Path(path).with_name(Path(path).name + ".tmp.png")
-    fig.savefig(tmp)
+    write_atomic(path, fig.savefig)
     plt.close(fig)
-    os.replace(tmp, path)

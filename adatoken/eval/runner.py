@@ -25,7 +25,7 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -36,11 +36,12 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-import adatoken
-from adatoken.config import PruneConfig
+from adatoken.core.runtime import last_stats, prune, unprune
+from adatoken.core.config import PruneConfig
+from adatoken.core.artifacts import read_json, write_json_atomic
 from adatoken.eval.datasets import QARecord
-from adatoken.methods import method_names
-from adatoken.schedule import Schedule
+from adatoken.core.methods import METHODS, method_names
+from adatoken.core.schedule import Schedule
 
 RUN_FORMAT = "adatoken.eval/v1"
 # Files of a finished run; `--fresh` removes them with the predictions so nothing stale survives a crash.
@@ -61,6 +62,20 @@ class Answerer(Protocol):
     llm: nn.Module
 
     def answer(self, records: Sequence[QARecord], max_new_tokens: int) -> list[str]: ...
+
+
+# model name -> loader(checkpoint folder or None, device) -> (Answerer, the checkpoint folder used).
+# Filled by the packages that provide models (the testbed registers "testbed" when imported).
+ANSWERERS: dict[str, Callable[[str | None, torch.device], tuple[Answerer, Path]]] = {}
+
+
+def register_answerer(name: str, loader: Callable[[str | None, torch.device], tuple[Answerer, Path]]) -> None:
+    ANSWERERS[name] = loader
+
+
+def default_methods() -> list[str]:
+    """Every registered method for a sweep: `none` first, the baselines and controls, adatoken3d last."""
+    return ["none", *(m for m in METHODS if m not in ("none", "adatoken3d")), "adatoken3d"]
 
 
 # --- what to run -----------------------------------------------------------------------------------
@@ -259,14 +274,14 @@ def run_shard(answerer: Answerer, records: Sequence[QARecord], configs: Sequence
         with open(path, "a", encoding="utf-8") as log:
             for config, batch in work:
                 if config is not current:
-                    adatoken.prune(answerer.llm, config.prune)
+                    prune(answerer.llm, config.prune)
                     bar.set_description(config.key)
                     current = config
                 timer.reset()
                 start = time.perf_counter()
                 predictions = answerer.answer(batch, max_new_tokens)
                 seconds = time.perf_counter() - start
-                stats = adatoken.last_stats(answerer.llm)
+                stats = last_stats(answerer.llm)
                 _check_answers(predictions, stats, batch)
                 rows = [_row(config, record, prediction, stats, b, batch, timer.seconds, seconds)
                         for b, (record, prediction) in enumerate(zip(batch, predictions))
@@ -274,7 +289,7 @@ def run_shard(answerer: Answerer, records: Sequence[QARecord], configs: Sequence
                 append_rows(log, rows)
                 bar.update(len(batch))
     finally:
-        adatoken.unprune(answerer.llm)
+        unprune(answerer.llm)
         timer.remove()
         bar.close()
 
@@ -377,7 +392,10 @@ def prepare_run(out: Path, manifest: dict, fresh: bool) -> None:
             (out / name).unlink(missing_ok=True)
     configs = dict(manifest["configs"])
     if path.exists():
-        previous = json.loads(path.read_text())
+        previous = read_json(path, f"the manifest of an evaluation run ({RUN_FORMAT})")
+        if not isinstance(previous, dict) or previous.get("format") != RUN_FORMAT:
+            raise ValueError(f"{path} is not the manifest of an evaluation run (format {RUN_FORMAT}); "
+                             "pass --fresh to start over, or another --out")
         if previous.get("settings") != manifest["settings"]:
             changed = sorted(k for k in set(previous.get("settings", {})) | set(manifest["settings"])
                              if previous.get("settings", {}).get(k) != manifest["settings"].get(k))
@@ -388,9 +406,7 @@ def prepare_run(out: Path, manifest: dict, fresh: bool) -> None:
                 raise ValueError(f"{out} holds predictions for {key} made with another config ({config} there, "
                                  f"{configs[key]} now); pass --fresh or another --out")
             configs.setdefault(key, config)  # earlier configs stay valid: a run may add configs
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({**manifest, "configs": configs}, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, {**manifest, "configs": configs})
 
 
 def collect(folder: Path, records: Sequence[QARecord], configs: Sequence[SweepConfig]) -> dict[str, list[dict]]:

@@ -6,11 +6,14 @@
     inputs = model.build_inputs(samples[:4])        # inputs_embeds, attention_mask, spatial_mask
     answers = model.answer(samples[:4])             # greedy answers through adatoken.spatial_tokens
 
-Names are imported on first use, so `adatoken --help` does not pay for transformers.
+Names are imported on first use, so `adatoken --help` does not pay for transformers. Importing the
+package registers the testbed with the evaluation runner (`--model testbed`, `--dataset testbed`).
 """
 from __future__ import annotations
 
 import importlib
+
+from adatoken.testbed import answerer as _answerer  # noqa: F401  (registers the testbed's model and questions)
 
 _EXPORTS = {
     "load": "model", "TestbedModel": "model", "ModelConfig": "model", "SpatialEncoder": "model",

@@ -7,9 +7,9 @@ heads), each to an object's floor position (x, y):
   `word_layer`: the model learns to fetch *where* an object is, along with what it is;
 - at the last prompt token of a relation or situated question whose answer is an object, read after layer
   `answer_layer`: the model learns to find the answer object by geometry before it names it.
-Without them a full training run fetches an object's colour at its word but not its position (probe R^2 about 0,
-see probe.py), and relation and situated accuracy stay near their majority answers (test EM 0.30 and 0.48;
-with them 0.69 and 0.93, README).
+Why: without them the model fetches an object's colour at its word but not its position (`adatoken testbed
+probe` measures both), so questions about geometry cannot be learned; the measured effect on accuracy is in
+the README's testbed section, with the commands that give it.
 """
 from __future__ import annotations
 

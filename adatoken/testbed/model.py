@@ -59,7 +59,7 @@ class ModelConfig:
     position_hidden: int = 64  # width of the 3D position MLP
     # Random Fourier features of the 3D point feed the position MLP with the point itself (0: the point only).
     # They are there so that attention can find what is near an object, which relation questions ask (see
-    # SpatialEncoder); trained without the grounding heads (grounding.py), relation accuracy did not change.
+    # SpatialEncoder); alone, without the grounding heads (grounding.py), they did not make relations learnable.
     position_frequencies: int = 32
     aligned_projector: bool = True  # start the projector at stage-1 alignment (see align_projector)
     tie_embeddings: bool = True  # LM head = word embeddings: a copied word embedding is already its own logit
@@ -225,7 +225,7 @@ class TestbedModel(nn.Module):
     @torch.inference_mode()
     def answer(self, samples: Sequence, max_new_tokens: int = 8, batch_size: int = 32) -> list[str]:
         """Greedy answers, one per sample, generated through the pruning runtime's spatial-token context."""
-        from adatoken import spatial_tokens  # late: the pruning runtime imports nothing from the testbed
+        from adatoken.core.runtime import spatial_tokens
 
         answers = []
         for start in range(0, len(samples), batch_size):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm import tqdm
+
+from adatoken.core.artifacts import write_atomic
 
 from adatoken.testbed.data import load_split, scene_questions, split_seeds, visible_objects
 from adatoken.testbed.grounding import GROUNDING_HEADS, GroundingHeads, grounding_targets
@@ -125,9 +126,7 @@ def training_batch(model: TestbedModel, cfg: TrainConfig, step: int) -> dict[str
 
 
 def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 def _resume(model: TestbedModel, heads: GroundingHeads, optimizer: torch.optim.Optimizer, cfg: TrainConfig,

@@ -5,7 +5,7 @@
 
 Stages, each kept in OUT:
   1. flow   information flow of the unpruned model over calibration questions, measured as
-            `adatoken analyze --model testbed` measures it (adatoken.flow.analyze)     flow.json
+            `adatoken analyze --model testbed` measures it (adatoken.calibration.flow.analyze)     flow.json
   2. fit    an AdaToken-3D schedule fitted to that flow for each retention, as `adatoken fit`
             fits it (eqs. 5-7)                                                       schedules/
   3. eval   none, FastV, PyramidDrop, random and AdaToken-3D (the fitted schedules) at each
@@ -25,21 +25,19 @@ recomputes everything.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
-import os
 import platform
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from adatoken.cli import reproducing_command
+from adatoken.core.artifacts import read_json, write_json_atomic, write_text_atomic
 
 # The paper's 0.1, 0.2 and 0.4, and 0.6: the shipped testbed has 6 layers, where layers 0-1 alone hold a mean
 # retention of 1/3 for methods that start pruning at layer 2, so 0.1 and 0.2 show only why they are out of reach.
@@ -47,66 +45,52 @@ DEFAULT_RETENTIONS = [0.1, 0.2, 0.4, 0.6]
 # Testbed answers are one word: 4 tokens show a wrong, longer answer without paying for rambling.
 MAX_NEW_TOKENS = 4
 FIT_OPTIONS = {"first_layer": 2, "smooth_lambda": 1.0}  # `adatoken fit`'s defaults
-# LLaVA-3D-7B's LLM (Vicuna-7B) shrunk for a CPU: its 32 layers, head_dim 128 and MLP ratio
-# 11008/4096 kept, hidden 4096 -> 256 (2 heads). With 1,024 spatial tokens an unpruned prefill takes
-# about 2 s on one core.
-LLAVA3D_MINI = dict(num_hidden_layers=32, hidden_size=256, intermediate_size=688, num_attention_heads=2,
-                    vocab_size=32000)
+BENCH_SHAPE = "llava3d-mini"  # LLaVA-3D-7B's depth and head size at hidden 256 (adatoken.core.shapes)
 BENCH_TEXT_TOKENS = 60  # system + prompt around the spatial tokens, as `adatoken bench` lays them out
 
 
-def register(subparsers) -> None:
-    parser = subparsers.add_parser("demo", help="AdaToken-3D end to end on the testbed: flow, fit, eval, bench, report",
-                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", help="testbed checkpoint folder (default: the one shipped in the package)")
-    parser.add_argument("--out", default="report", help="report folder; also holds every stage's results "
-                                                        "(default: %(default)s)")
-    parser.add_argument("--questions", type=int, default=200,
-                        help="test questions to evaluate: a fixed, seeded subset of the test split "
-                             "(default: %(default)s)")
-    parser.add_argument("--calib-questions", type=int, default=32,
-                        help="calibration questions for the information-flow analysis (default: %(default)s)")
-    parser.add_argument("--retentions", type=float, nargs="+", default=DEFAULT_RETENTIONS,
-                        help="mean spatial retentions over layers (default: 0.1 0.2 0.4 0.6)")
-    parser.add_argument("--batch-size", type=int, default=32, help="questions per generate call (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the test subset (default: %(default)s)")
-    parser.add_argument("--bench-spatial", type=int, default=1024,
-                        help="spatial tokens fed to the LLaVA-3D-proportioned model (default: %(default)s)")
-    parser.add_argument("--bench-repeats", type=int, default=3,
-                        help="timed prefill rounds per benchmark after a warm-up round (default: %(default)s)")
-    parser.add_argument("--skip-bench", action="store_true", help="leave out the prefill benchmark (stage 4)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads; 1 keeps timings steady on a shared machine, see docs/benchmarks.md "
-                             "(default: %(default)s)")
-    parser.add_argument("--fresh", action="store_true", help="recompute every stage, ignoring what OUT holds")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.set_defaults(func=run)
+@dataclass
+class DemoOptions:
+    """What `adatoken demo` runs (its flags, one field each); bad values are refused before any work."""
+
+    checkpoint: str | None = None      # testbed checkpoint folder; None: the one shipped in the package
+    out: str = "report"                # report folder; also holds every stage's results
+    questions: int = 200               # test questions: a fixed, seeded subset of the test split
+    calib_questions: int = 32          # calibration questions for the information-flow analysis
+    retentions: list[float] = field(default_factory=lambda: list(DEFAULT_RETENTIONS))
+    batch_size: int = 32               # questions per generate call
+    seed: int = 0                      # seed of the test subset
+    bench_spatial: int = 1024          # spatial tokens fed to the LLaVA-3D-proportioned model
+    bench_repeats: int = 3             # timed prefill rounds per benchmark after a warm-up round
+    skip_bench: bool = False           # leave out the prefill benchmark (stage 4)
+    threads: int = 1                   # torch CPU threads; 1 keeps timings steady on a shared machine
+    fresh: bool = False                # recompute every stage, ignoring what OUT holds
+    no_progress: bool = False          # no progress bars
+    command: str = "adatoken demo"     # the command line that reproduces this run, for the report
+
+    def __post_init__(self):
+        for name in ("questions", "calib_questions", "batch_size", "bench_spatial", "bench_repeats", "threads"):
+            value = getattr(self, name)
+            if value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        bad = [r for r in self.retentions if not 0 < r <= 1]
+        if bad:
+            raise ValueError(f"--retentions must lie in (0, 1] (mean share of spatial tokens kept), got {bad}")
+        if len(set(self.retentions)) != len(self.retentions):
+            raise ValueError(f"--retentions must not repeat, got {self.retentions}")
 
 
-def check_args(args) -> None:
-    """Refuse bad values before any work, with the option's name."""
-    for name in ("questions", "calib_questions", "batch_size", "bench_spatial", "bench_repeats", "threads"):
-        value = getattr(args, name)
-        if value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    bad = [r for r in args.retentions if not 0 < r <= 1]
-    if bad:
-        raise ValueError(f"--retentions must lie in (0, 1] (mean share of spatial tokens kept), got {bad}")
-    if len(set(args.retentions)) != len(args.retentions):
-        raise ValueError(f"--retentions must not repeat, got {args.retentions}")
-
-
-def run(args) -> int:
-    from adatoken import demo_report
+def run_demo(options: DemoOptions) -> list[Path]:
+    """Every stage, then the report; prints the accuracy table and the reading. Returns the files written."""
+    from adatoken.apps.demo import report as demo_report
 
     started = time.perf_counter()
-    check_args(args)
-    torch.set_num_threads(args.threads)
-    demo = Demo(args)
+    torch.set_num_threads(options.threads)
+    demo = Demo(options)
     flow = demo.flow()
     schedules, fit_errors = demo.fit(flow)
     configs, subset, predictions = demo.evaluate(schedules, fit_errors)
-    bench_results = {} if args.skip_bench else demo.bench(configs, subset[0])
+    bench_results = {} if options.skip_bench else demo.bench(configs, subset[0])
     results = demo_report.DemoResults(
         context=demo.context(len(subset), time.perf_counter() - started), flow=flow, schedules=schedules,
         fit_errors=fit_errors, configs=configs, predictions=predictions, bench=bench_results, stages=demo.cache.log)
@@ -118,7 +102,7 @@ def run(args) -> int:
     print("\n" + demo_report.accuracy_table(results.rows))
     print("\n" + "\n".join(f"- {line}" for line in results.reading))
     print("\nwrote " + ", ".join(str(p) for p in paths))
-    return 0
+    return paths
 
 
 class StageCache:
@@ -130,7 +114,7 @@ class StageCache:
 
     def __init__(self, out: Path, fresh: bool):
         self.path = out / "cache.json"
-        self.keys = {} if fresh or not self.path.is_file() else json.loads(self.path.read_text())
+        self.keys = {} if fresh or not self.path.is_file() else read_json(self.path, "the demo's stage cache")
         self.log: dict[str, dict] = {}  # stage -> {"reused": bool, "seconds": float}: for the report
 
     @contextmanager
@@ -150,9 +134,7 @@ class StageCache:
     def record(self, name: str, key) -> None:
         self.keys[name] = json.loads(json.dumps(key))
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(self.keys, indent=1) + "\n")
-        os.replace(tmp, self.path)  # a kill leaves the old keys or the new ones
+        write_json_atomic(self.path, self.keys, indent=1)  # a kill leaves the old keys or the new ones
 
 
 def file_digest(*paths: Path) -> str:
@@ -177,17 +159,17 @@ def checkpoint_digest(folder: Path) -> str:
 class Demo:
     """The stages. Each returns its result, computing it only when OUT does not hold it already."""
 
-    def __init__(self, args):
+    def __init__(self, options: DemoOptions):
         from adatoken.testbed.model import SHIPPED_CHECKPOINT
 
-        self.args = args
-        self.out = Path(args.out)
-        self.checkpoint = Path(args.checkpoint).resolve() if args.checkpoint else SHIPPED_CHECKPOINT
+        self.options = options
+        self.out = Path(options.out)
+        self.checkpoint = Path(options.checkpoint).resolve() if options.checkpoint else SHIPPED_CHECKPOINT
         self.digest = checkpoint_digest(self.checkpoint)
         self.num_layers = json.loads((self.checkpoint / "testbed.json").read_text())["model"]["num_layers"]
         self.out.mkdir(parents=True, exist_ok=True)
-        self.cache = StageCache(self.out, args.fresh)
-        self.progress = not args.no_progress
+        self.cache = StageCache(self.out, options.fresh)
+        self.progress = not options.no_progress
 
     @cached_property
     def model(self):
@@ -199,14 +181,14 @@ class Demo:
 
     # ----- 1. information flow on calibration questions --------------------------------------------------
     def flow(self):
-        from adatoken.calibrate_cli import testbed_flow_samples
-        from adatoken.flow import FlowParams, FlowReport, analyze
+        from adatoken.testbed.calibration import flow_samples
+        from adatoken.calibration.flow import FlowParams, FlowReport, analyze
 
         path = self.out / "flow.json"
-        key = {"checkpoint": self.digest, "calib_questions": self.args.calib_questions, "params": asdict(FlowParams())}
+        key = {"checkpoint": self.digest, "calib_questions": self.options.calib_questions, "params": asdict(FlowParams())}
         with self.cache.stage("flow", key, path) as reused:
             if not reused:
-                samples = testbed_flow_samples(self.model, self.args.calib_questions)
+                samples = flow_samples(self.model, self.options.calib_questions)
                 analyze(self.model.llm, samples, FlowParams(), progress=self.progress).save(path)
         return FlowReport.load(path)
 
@@ -214,14 +196,14 @@ class Demo:
     def fit(self, flow) -> tuple[dict, dict[float, str]]:
         """Schedules keyed as the eval runner keys them, and the reason for each retention that could not be fitted."""
         from adatoken.eval.runner import load_schedules
-        from adatoken.schedule import fit_schedule
+        from adatoken.calibration.fit import fit_schedule
 
         folder = self.out / "schedules"
-        paths = {r: folder / f"schedule-{r:g}.json" for r in self.args.retentions}
+        paths = {r: folder / f"schedule-{r:g}.json" for r in self.options.retentions}
         failed_path = folder / "failed.json"  # retention -> why fit_schedule refused it
         failed = json.loads(failed_path.read_text()) if failed_path.is_file() else {}
         expected = [failed_path] + [p for r, p in paths.items() if f"{r:g}" not in failed]
-        key = {"flow": file_digest(self.out / "flow.json"), "retentions": self.args.retentions, **FIT_OPTIONS}
+        key = {"flow": file_digest(self.out / "flow.json"), "retentions": self.options.retentions, **FIT_OPTIONS}
         with self.cache.stage("fit", key, *expected) as reused:
             if not reused:
                 folder.mkdir(parents=True, exist_ok=True)
@@ -233,46 +215,46 @@ class Demo:
                     except ValueError as err:  # e.g. below first_layer / num_layers: say so in the report
                         failed[f"{retention:g}"] = str(err)
                         path.unlink(missing_ok=True)
-                failed_path.write_text(json.dumps(failed, indent=1) + "\n")
+                write_json_atomic(failed_path, failed, indent=1)
         fitted = [p for r, p in paths.items() if f"{r:g}" not in failed]
         return (load_schedules(fitted) if fitted else {}), {float(r): why for r, why in failed.items()}
 
     # ----- 3. accuracy of every method at every retention on the test subset ------------------------------
     def sweep(self, num_layers: int, schedules: dict | None, fit_errors: dict[float, str]) -> list:
-        from adatoken.eval.cli import DEFAULT_METHODS
-        from adatoken.eval.runner import sweep_configs
+        from adatoken.eval.runner import default_methods, sweep_configs
 
-        configs = sweep_configs(DEFAULT_METHODS, self.args.retentions, num_layers, schedules)
+        configs = sweep_configs(default_methods(), self.options.retentions, num_layers, schedules)
         return [replace(c, skipped=f"no schedule could be fitted: {fit_errors[c.retention]}")
                 if c.method == "adatoken3d" and schedules is not None and c.retention in fit_errors else c
                 for c in configs]
 
     def test_subset(self) -> list:
         """The fixed, seeded subset of the test split (QARecords), kept so a re-run need not redraw every scene."""
-        from adatoken.eval.datasets import QARecord, load_dataset
+        from adatoken.eval.datasets import QARecord
+        from adatoken.testbed.answerer import load_testbed
         from adatoken.eval.runner import select_subset
 
         path = self.out / "eval" / "questions.json"
-        key = {"checkpoint": self.digest, "questions": self.args.questions, "seed": self.args.seed}
+        key = {"checkpoint": self.digest, "questions": self.options.questions, "seed": self.options.seed}
         with self.cache.stage("questions", key, path) as reused:
             if not reused:
-                records = load_dataset("testbed", self.checkpoint, split="test")
+                records = load_testbed(self.checkpoint, split="test")
                 path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(json.dumps([asdict(r) for r in select_subset(records, self.args.questions,
-                                                                             self.args.seed)], indent=1) + "\n")
+                subset = select_subset(records, self.options.questions, self.options.seed)
+                write_json_atomic(path, [asdict(r) for r in subset], indent=1)
         return [QARecord(**r) for r in json.loads(path.read_text())]
 
     def evaluate(self, schedules: dict, fit_errors: dict[float, str]):
         """(sweep configs, the test subset, each runnable config's prediction rows)."""
-        from adatoken.eval.cli import TestbedAnswerer
+        from adatoken.testbed.answerer import TestbedAnswerer
         from adatoken.eval.runner import collect, evaluate, read_predictions
 
         subset = self.test_subset()
         configs = self.sweep(self.num_layers, schedules, fit_errors)
         folder = self.out / "eval"
         settings = {"model": "testbed", "checkpoint": str(self.checkpoint), "checkpoint_sha256": self.digest,
-                    "dataset": "testbed", "split": "test", "questions": self.args.questions, "seed": self.args.seed}
-        key = {"settings": {**settings, "batch_size": self.args.batch_size, "max_new_tokens": MAX_NEW_TOKENS},
+                    "dataset": "testbed", "split": "test", "questions": self.options.questions, "seed": self.options.seed}
+        key = {"settings": {**settings, "batch_size": self.options.batch_size, "max_new_tokens": MAX_NEW_TOKENS},
                "configs": {c.key: c.prune.to_dict() for c in configs if c.skipped is None}}
         key = json.loads(json.dumps(key))
         # Predictions on disk stay usable when the settings match and no config changed under its name
@@ -292,7 +274,7 @@ class Demo:
                   f"{'computing' if not on_disk else f'resuming, {len(wanted) - missing} reused'}", flush=True)
             self.cache.record("eval", {**key, "configs": {**(previous["configs"] if usable else {}), **key["configs"]}})
             predictions = evaluate(TestbedAnswerer(self.model), subset, configs, folder, settings,
-                                   batch_size=self.args.batch_size, max_new_tokens=MAX_NEW_TOKENS,
+                                   batch_size=self.options.batch_size, max_new_tokens=MAX_NEW_TOKENS,
                                    fresh=not usable, progress=self.progress)
         self.cache.log["eval"] = {"reused": missing == 0, "seconds": round(time.perf_counter() - start, 2),
                                   "predictions_computed": missing, "predictions_reused": len(wanted) - missing}
@@ -303,11 +285,13 @@ class Demo:
         """Model label -> an `adatoken bench`-style result: the testbed model on one test question with the
         eval's configs, and the LLaVA-3D-proportioned random model (adatoken3d on its eq.-5 curve: the
         fitted schedules have the testbed's depth)."""
-        from adatoken.bench import Setup, build_setup
+        from adatoken.apps.bench import Setup, build_setup
+        from adatoken.core import models
+        from adatoken.testbed.answerer import as_sample
 
         folder = self.out / "bench"
         folder.mkdir(parents=True, exist_ok=True)
-        timing = {"repeats": self.args.bench_repeats, "threads": self.args.threads}
+        timing = {"repeats": self.options.bench_repeats, "threads": self.options.threads}
         results = {}
 
         label, path = f"testbed ({self.num_layers} layers)", folder / "testbed.json"
@@ -315,21 +299,22 @@ class Demo:
                "configs": {c.key: c.prune.to_dict() if c.prune else c.skipped for c in configs}}
         with self.cache.stage("bench testbed", key, path) as reused:
             if not reused:
-                inputs = self.model.build_inputs([_as_sample(question)])
+                inputs = self.model.build_inputs([as_sample(question)])
                 spatial = inputs.pop("spatial_mask")
                 _write_bench(path, bench_configs(Setup(self.model.llm, inputs, spatial, "cpu"), configs, label,
-                                                 self.args.bench_repeats, self.progress))
+                                                 self.options.bench_repeats, self.progress))
         results[label] = json.loads(path.read_text())
 
-        shape = LLAVA3D_MINI["num_hidden_layers"], LLAVA3D_MINI["hidden_size"]
+        mini = models.shape(BENCH_SHAPE).config
+        shape = mini["num_hidden_layers"], mini["hidden_size"]
         label, path = f"LLaVA-3D-proportioned ({shape[0]} layers, hidden {shape[1]})", folder / "llava3d-mini.json"
         mini_configs = self.sweep(shape[0], None, {})
-        key = {"shape": LLAVA3D_MINI, "spatial": self.args.bench_spatial, "text": BENCH_TEXT_TOKENS, **timing,
+        key = {"shape": mini, "spatial": self.options.bench_spatial, "text": BENCH_TEXT_TOKENS, **timing,
                "configs": {c.key: c.prune.to_dict() if c.prune else c.skipped for c in mini_configs}}
         with self.cache.stage("bench llava3d-mini", key, path) as reused:
             if not reused:
-                setup = build_setup(llava3d_mini(), 1, self.args.bench_spatial, BENCH_TEXT_TOKENS, "cpu")
-                _write_bench(path, bench_configs(setup, mini_configs, label, self.args.bench_repeats, self.progress))
+                setup = build_setup(models.build(BENCH_SHAPE), 1, self.options.bench_spatial, BENCH_TEXT_TOKENS, "cpu")
+                _write_bench(path, bench_configs(setup, mini_configs, label, self.options.bench_repeats, self.progress))
         results[label] = json.loads(path.read_text())
         return results
 
@@ -337,11 +322,11 @@ class Demo:
         """The files the figures are drawn from: they are redrawn when any of these changed."""
         files = [self.out / "flow.json", *sorted((self.out / "schedules").glob("*.json")),
                  self.out / "eval" / "questions.json", *sorted((self.out / "eval" / "predictions").glob("rank*.jsonl"))]
-        return files + ([] if self.args.skip_bench else sorted((self.out / "bench").glob("*.json")))
+        return files + ([] if self.options.skip_bench else sorted((self.out / "bench").glob("*.json")))
 
     def context(self, num_questions: int, seconds: float) -> dict:
         """What this run was, for the top of the report."""
-        a = self.args
+        a = self.options
         return {
             "checkpoint": str(self.checkpoint), "checkpoint_sha256": self.digest[:16],
             "model": f"testbed ({self.num_layers} decoder layers)",
@@ -350,31 +335,14 @@ class Demo:
                           f"at most {MAX_NEW_TOKENS} new tokens, batches of {a.batch_size}",
             "retentions": " ".join(f"{r:g}" for r in a.retentions),
             "threads": a.threads, "torch": torch.__version__, "machine": platform.machine(),
-            "command": reproducing_command(a),
+            "command": a.command,
             "wall time": f"{seconds:.0f} s (this invocation, before the report)",
         }
 
 
-def _as_sample(record):
-    """A test QARecord as the testbed model's sample type."""
-    from adatoken.testbed.data import QASample
-
-    return QASample(record.question_id, record.scene_id, record.extra["scene_seed"], record.question,
-                    tuple(record.answers), record.qtype)
-
-
-def llava3d_mini():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)  # random weights cost what trained ones do; seeded so reruns time the same model
-    config = LlamaConfig(max_position_embeddings=4096, **LLAVA3D_MINI)
-    config._attn_implementation = "sdpa"
-    return LlamaForCausalLM(config).eval()
-
-
 def bench_configs(setup, configs: list, label: str, repeats: int, progress: bool) -> dict:
     """`adatoken bench`'s interleaved prefill sweep over the eval's configs; skipped ones keep their reason."""
-    from adatoken.bench import run_sweep
+    from adatoken.apps.bench import run_sweep
 
     runnable = {c.key: {"config": c.prune} for c in configs if c.skipped is None}  # `none` first: the baseline
     with tqdm(total=len(runnable) * (repeats + 1), desc=f"bench {label}", unit="prefill", disable=not progress) as bar:
@@ -389,7 +357,7 @@ def bench_configs(setup, configs: list, label: str, repeats: int, progress: bool
 
 
 def _write_bench(path: Path, result: dict) -> None:
-    from adatoken.bench import markdown
+    from adatoken.apps.bench import markdown
 
-    path.with_suffix(".md").write_text(markdown(result))
-    path.write_text(json.dumps(result, indent=1) + "\n")  # last: its presence marks the stage done
+    write_text_atomic(path.with_suffix(".md"), markdown(result))
+    write_json_atomic(path, result, indent=1)  # last: its presence marks the stage done

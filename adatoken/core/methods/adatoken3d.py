@@ -8,9 +8,9 @@ token t are dropped at every layer where the schedule steps down.
 from dataclasses import dataclass
 from pathlib import Path
 
-from adatoken.methods import Method, RankContext, check_fraction, register
-from adatoken.methods.pdrop import query_key_score
-from adatoken.schedule import Schedule, curve_schedule
+from adatoken.core.methods import Method, RankContext, check_fraction, register
+from adatoken.core.methods.pdrop import query_key_score
+from adatoken.core.schedule import Schedule, curve_schedule
 
 
 @register

@@ -10,8 +10,6 @@ never written in advance: another checkpoint or sample size gives other sentence
 """
 from __future__ import annotations
 
-import json
-import os
 import statistics
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
@@ -20,8 +18,10 @@ from pathlib import Path
 import numpy as np
 
 from adatoken.eval.report import Accuracy, ReportRow, plot_accuracy_vs_flops, summarize, to_markdown
-from adatoken.flow import FlowReport
-from adatoken.schedule import Schedule, normalize_inf
+from adatoken.calibration.flow import FlowReport
+from adatoken.core.artifacts import write_json_atomic, write_text_atomic
+from adatoken.core.schedule import Schedule
+from adatoken.calibration.fit import normalize_inf
 
 REPORT_FORMAT = "adatoken.demo/v1"
 FIGURES = {
@@ -42,7 +42,7 @@ class DemoResults:
     fit_errors: dict[float, str]    # retention -> why no schedule could be fitted
     configs: list                   # the eval's SweepConfigs, skipped ones with their reason
     predictions: dict[str, list[dict]]
-    bench: dict[str, dict]          # model label -> adatoken.bench result; empty when skipped
+    bench: dict[str, dict]          # model label -> adatoken.apps.bench result; empty when skipped
     stages: dict = field(default_factory=dict)  # stage -> reused, seconds
 
     @cached_property
@@ -208,7 +208,7 @@ def figure_names(results: DemoResults) -> list[str]:
 
 def draw_figures(out: Path, results: DemoResults) -> None:
     """Every figure of `figure_names` into `out`."""
-    from adatoken import plots  # matplotlib: only when drawing
+    from adatoken.calibration import plots  # matplotlib: only when drawing
 
     plots.plot_report(results.flow, out, [results.schedules[r] for r in sorted(results.schedules)])
     title = f"EM vs prefill FLOPs: {results.context['model']} on testbed test (n={results.num_questions})"
@@ -272,8 +272,8 @@ def to_json(results: DemoResults, figures: list[Path]) -> dict:
     rows, metrics = results.summary
     return {
         "format": REPORT_FORMAT, "context": results.context, "stages": results.stages, "reading": results.reading,
-        "flow": results.flow.to_dict(),
-        "schedules": {f"{r:g}": s.to_dict() for r, s in sorted(results.schedules.items())},
+        "flow": results.flow.to_json(),
+        "schedules": {f"{r:g}": s.to_json() for r, s in sorted(results.schedules.items())},
         "fit_errors": {f"{r:g}": why for r, why in sorted(results.fit_errors.items())},
         "eval": {"rows": [asdict(r) for r in rows], "metrics": metrics,
                  "kept_per_layer": {f"{r:g}": by_method for r, by_method in results.kept_per_layer.items()}},
@@ -286,12 +286,7 @@ def write(out: str | Path, results: DemoResults, figures: list[Path]) -> list[Pa
     """report.md and report.json in `out`, around the figures drawn there; returns every path (report.md first)."""
     out = Path(out)
     paths = [out / "report.md", out / "report.json"]
-    _write_text(paths[0], to_report_markdown(results, figures))
-    _write_text(paths[1], json.dumps(to_json(results, figures), indent=1) + "\n")
+    write_text_atomic(paths[0], to_report_markdown(results, figures))
+    write_json_atomic(paths[1], to_json(results, figures), indent=1)
     return paths + figures
 
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

@@ -1,6 +1,6 @@
 """Write the CLI reference (docs/cli.md) from the argparse parser itself, so it cannot drift.
 
-    .venv/bin/python -m adatoken.clidoc > docs/cli.md
+    .venv/bin/python -m adatoken.cli.doc > docs/cli.md
 
 tests/test_cli_docs.py fails when docs/cli.md differs from what this prints.
 """
@@ -23,7 +23,7 @@ def render() -> str:
     from adatoken.cli import build_parser
     parser = build_parser()
     parts = ["# `adatoken` command-line reference", "",
-             "Generated from the parser by `python -m adatoken.clidoc > docs/cli.md`; a test keeps it in sync.", "",
+             "Generated from the parser by `python -m adatoken.cli.doc > docs/cli.md`; a test keeps it in sync.", "",
              "```", parser.format_help().rstrip(), "```", ""]
     for name, sub in _subcommands(parser, "adatoken"):
         parts += [f"## `{name}`", "", "```", sub.format_help().rstrip(), "```", ""]

@@ -1,8 +1,8 @@
 """`none`: the unpruned model, run through the same runtime (the reference for every comparison)."""
 from dataclasses import dataclass
 
-from adatoken.methods import Method, register
-from adatoken.schedule import Schedule
+from adatoken.core.methods import Method, register
+from adatoken.core.schedule import Schedule
 
 
 @register

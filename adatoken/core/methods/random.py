@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
-from adatoken import scoring
-from adatoken.methods import RankContext, register
-from adatoken.methods.adatoken3d import AdaToken3D
+from adatoken.core import scoring
+from adatoken.core.methods import RankContext, register
+from adatoken.core.methods.adatoken3d import AdaToken3D
 
 
 @register

@@ -21,16 +21,17 @@ How a pruned prefill runs (every decoder layer has a forward pre-hook, and a for
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from adatoken import adapters
-from adatoken.config import PruneConfig
-from adatoken.layout import TokenLayout, check_spatial_mask, spatial_mask_from_ids
-from adatoken.methods import RankContext
-from adatoken.schedule import Schedule
+from adatoken.core import adapters
+from adatoken.core.config import PruneConfig
+from adatoken.core.layout import TokenLayout, check_query_index, check_window, find_spatial
+from adatoken.core.methods import RankContext
+from adatoken.core.schedule import Schedule
 
 STATE_ATTR = "_adatoken_state"
 
@@ -49,7 +50,7 @@ class PruneStats:
 
     def prefill_flops(self, sample: int = 0, lm_head_positions: int = 1) -> float:
         """Analytic prefill FLOPs of one sample at the token counts that actually entered each layer."""
-        from adatoken import flops
+        from adatoken.core import flops
         tokens = [layer[sample] for layer in self.tokens_in]
         shape = flops.ModelShape.from_config(self.text_config)
         return flops.prefill_flops(shape, tokens, lm_head_positions=lm_head_positions).total
@@ -57,6 +58,26 @@ class PruneStats:
     def to_dict(self) -> dict:
         return {"spatial_in": self.spatial_in, "tokens_in": self.tokens_in,
                 "prefill_flops": [self.prefill_flops(b) for b in range(self.num_samples)]}
+
+
+@dataclass
+class SelectionTimer:
+    """Wall seconds pruned prefills spent choosing tokens: ranking, top-k and building the keep index."""
+
+    seconds: float = 0.0
+
+    @contextlib.contextmanager
+    def measure(self, device: torch.device):
+        _synchronize(device)
+        start = time.perf_counter()
+        yield
+        _synchronize(device)
+        self.seconds += time.perf_counter() - start
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 @dataclass
@@ -102,6 +123,7 @@ class PruneState:
         self.prefill: Prefill | None = None
         self.current: Pass | None = None
         self.stats: PruneStats | None = None
+        self.selection_timer: SelectionTimer | None = None  # set by `selection_timer(model)` only
 
     # ----- hooks -------------------------------------------------------------------------------
     def attach(self, model: nn.Module) -> None:
@@ -170,12 +192,8 @@ class PruneState:
     # ----- prefill ----------------------------------------------------------------------------
     def _begin_prefill(self, hidden: torch.Tensor) -> None:
         batch, length = hidden.shape[:2]
-        window = self.adapter.sliding_window
-        if window is not None and length > window:
-            raise ValueError(
-                f"input of {length} tokens exceeds the sliding window ({window}); pruning does not support "
-                "sliding-window attention beyond the window"
-            )
+        check_window(length, self.adapter.sliding_window,
+                     "pruning does not support sliding-window attention beyond the window")
         spatial = self._spatial_mask(batch, length, hidden.device)
         attention_mask = self.call_inputs.get("attention_mask")
         if attention_mask is not None and (attention_mask.dim() != 2 or tuple(attention_mask.shape) != (batch, length)):
@@ -194,23 +212,15 @@ class PruneState:
         self.stats = PruneStats([[0] * batch for _ in counts], [[0] * batch for _ in counts], self.adapter.text_config)
 
     def _spatial_mask(self, batch: int, length: int, device) -> torch.Tensor:
-        if self.explicit_spatial is not None:
-            return check_spatial_mask(self.explicit_spatial, (batch, length)).to(device)
-        input_ids = self.call_inputs.get("input_ids")
-        token_ids = self.adapter.spatial_token_ids
-        if token_ids and input_ids is not None and tuple(input_ids.shape) == (batch, length):
-            return spatial_mask_from_ids(input_ids, token_ids).to(device)
-        return torch.zeros(batch, length, dtype=torch.bool, device=device)  # no spatial tokens: runs unpruned
+        spatial = find_spatial((batch, length), device, self.explicit_spatial, self.call_inputs.get("input_ids"),
+                               self.adapter.spatial_token_ids)
+        if spatial is None:  # no spatial tokens: runs unpruned
+            return torch.zeros(batch, length, dtype=torch.bool, device=device)
+        return spatial
 
     def _query_positions(self, batch: int, length: int, device) -> torch.Tensor | None:
-        """Position of the last instruction token per sample: given, or the prefill's last position."""
-        query = self.explicit_query
-        if query is None:
-            return None
-        query = torch.as_tensor(query, dtype=torch.long, device=device).reshape(-1).expand(batch)
-        if bool(((query < 0) | (query >= length)).any()):
-            raise ValueError(f"query_index must be a position in [0, {length - 1}], got {query.tolist()}")
-        return query
+        """Position of the last instruction token per sample: given, or (None) the prefill's last position."""
+        return None if self.explicit_query is None else check_query_index(self.explicit_query, batch, length, device)
 
     def _prefill_layer(self, idx: int, hidden, args, kwargs):
         run = self.current
@@ -220,7 +230,8 @@ class PruneState:
         target = run.counts[idx]
         alive_counts = run.counts[idx - 1] if idx > 0 else run.counts[0]
         if any(t < a for t, a in zip(target, alive_counts)):
-            hidden = self._prune(idx, run, hidden, self._sliced(run, kwargs), target, alive_counts)
+            with self.selection_timer.measure(hidden.device) if self.selection_timer else contextlib.nullcontext():
+                hidden = self._prune(idx, run, hidden, self._sliced(run, kwargs), target, alive_counts)
         self.prefill.key_index[idx] = run.index
         self.prefill.key_ok[idx] = run.slot_ok
         self.stats.spatial_in[idx] = list(target)
@@ -426,6 +437,10 @@ def unprune(model: nn.Module) -> nn.Module:
     return model
 
 
+def is_pruned(model: nn.Module) -> bool:
+    return getattr(model, STATE_ATTR, None) is not None
+
+
 def get_state(model: nn.Module) -> PruneState:
     state = getattr(model, STATE_ATTR, None)
     if state is None:
@@ -463,3 +478,19 @@ def spatial_tokens(model: nn.Module, mask: torch.Tensor, query_index: torch.Tens
         yield
     finally:
         state.explicit_spatial, state.explicit_query = previous
+
+
+@contextlib.contextmanager
+def selection_timer(model: nn.Module):
+    """`with selection_timer(model) as timer:` time what choosing tokens costs the prefills in the block.
+
+    For benchmarks (`timer.seconds` beside the prefill's wall time): it synchronises CUDA around every
+    selection, so it is off unless asked for.
+    """
+    state = get_state(model)
+    timer, previous = SelectionTimer(), state.selection_timer
+    state.selection_timer = timer
+    try:
+        yield timer
+    finally:
+        state.selection_timer = previous

@@ -12,56 +12,26 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from adatoken import adapters
-from adatoken.cli import reproducing_command
+import adatoken.testbed  # noqa: F401  (registers the testbed's model and question set)
+from adatoken.cli.common import reproducing_command
+from adatoken.core import adapters
 from adatoken.eval.datasets import LOADERS, QARecord, load_dataset
 from adatoken.eval.report import summarize, write_report
-from adatoken.eval.runner import evaluate, load_schedules, select_subset, sweep_configs
+from adatoken.eval.runner import ANSWERERS, default_methods, evaluate, load_schedules, select_subset, sweep_configs
 
-DEFAULT_METHODS = ["none", "fastv", "pdrop", "random", "adatoken3d"]
+DEFAULT_METHODS = default_methods()
 DEFAULT_RETENTIONS = [0.1, 0.2, 0.4]
-
-
-class TestbedAnswerer:
-    """The embedded testbed model (adatoken.testbed) as an `Answerer` of testbed QARecords."""
-
-    def __init__(self, model):
-        self.model = model
-        self.llm = model.llm
-
-    def answer(self, records: Sequence[QARecord], max_new_tokens: int) -> list[str]:
-        from adatoken.testbed.data import QASample
-
-        missing = [r.question_id for r in records if "scene_seed" not in r.extra]
-        if missing:
-            raise ValueError(f"the testbed model answers only testbed questions (--dataset testbed); "
-                             f"question {missing[0]!r} has no scene_seed")
-        samples = [QASample(r.question_id, r.scene_id, r.extra["scene_seed"], r.question, tuple(r.answers), r.qtype)
-                   for r in records]
-        return self.model.answer(samples, max_new_tokens=max_new_tokens, batch_size=len(samples))
-
-
-def load_testbed_answerer(checkpoint: str | None, device: torch.device) -> tuple[TestbedAnswerer, Path]:
-    from adatoken.testbed.model import SHIPPED_CHECKPOINT, load
-
-    path = Path(checkpoint).resolve() if checkpoint else SHIPPED_CHECKPOINT
-    return TestbedAnswerer(load(path).to(device)), path
-
-
-# model name -> loader(checkpoint or None, device) -> (answerer, checkpoint folder)
-MODELS = {"testbed": load_testbed_answerer}
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("eval", help="accuracy and FLOPs of every pruning method at every retention",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     what = parser.add_argument_group("model and questions")
-    what.add_argument("--model", choices=sorted(MODELS), default="testbed", help="model to evaluate (default: testbed)")
+    what.add_argument("--model", choices=sorted(ANSWERERS), default="testbed", help="model to evaluate (default: testbed)")
     what.add_argument("--checkpoint", help="model checkpoint folder (default: the testbed's, shipped in the package)")
     what.add_argument("--dataset", choices=list(LOADERS), default="testbed",
                       help="question set format (default: testbed)")
@@ -96,7 +66,7 @@ def run(args) -> int:
     started = time.perf_counter()
     _check_args(args)
     device = _device(args.device)
-    answerer, checkpoint = MODELS[args.model](args.checkpoint, device)
+    answerer, checkpoint = ANSWERERS[args.model](args.checkpoint, device)
     records = _questions(args, checkpoint)
     subset = select_subset(records, args.limit, args.seed)
     num_layers = adapters.resolve(answerer.llm).num_layers

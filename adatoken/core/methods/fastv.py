@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from adatoken import scoring
-from adatoken.methods import Method, RankContext, check_fraction, check_layer, register
-from adatoken.schedule import Schedule
+from adatoken.core import scoring
+from adatoken.core.methods import Method, RankContext, check_fraction, check_layer, register
+from adatoken.core.schedule import Schedule
 
 
 @register

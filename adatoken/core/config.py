@@ -2,15 +2,17 @@
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
 
-from adatoken.methods import METHODS, make_config
-from adatoken.schedule import Schedule
+from adatoken.core.artifacts import JsonArtifact
+from adatoken.core.methods import METHODS, make_config
+from adatoken.core.schedule import Schedule
 
 
-class PruneConfig:
+class PruneConfig(JsonArtifact):
     """`PruneConfig(method="adatoken3d", retention=0.4)`; unknown names or values raise ValueError."""
+
+    FORMAT = "adatoken.prune_config/v1"
+    KIND = "prune config"
 
     def __init__(self, method: str = "none", **params):
         self.method = method
@@ -24,26 +26,19 @@ class PruneConfig:
         params = {}
         for field in dataclasses.fields(self.params):
             value = getattr(self.params, field.name)
-            params[field.name] = value.to_dict() if isinstance(value, Schedule) else \
+            params[field.name] = value.to_json() if isinstance(value, Schedule) else \
                 list(value) if isinstance(value, tuple) else value
         return {"method": self.method, **params}
 
     @classmethod
     def from_dict(cls, data: dict) -> "PruneConfig":
-        data = dict(data)
+        data = {k: v for k, v in data.items() if k != "format"}
         method = data.pop("method", None)
         if method is None:
             raise ValueError("a prune config needs a 'method' key")
         if isinstance(data.get("schedule"), dict):
             data["schedule"] = Schedule.from_dict(data["schedule"])
         return cls(method, **data)
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-
-    @classmethod
-    def load(cls, path: str | Path) -> "PruneConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()))
 
     def __eq__(self, other) -> bool:
         return isinstance(other, PruneConfig) and self.to_dict() == other.to_dict()

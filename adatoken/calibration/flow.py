@@ -1,6 +1,6 @@
 """Information-flow analysis (paper § III-A/B): where each layer's attention goes, and eqs. 1–4.
 
-    report = adatoken.flow.analyze(model, samples)     # samples: FlowSample, one forward each
+    report = adatoken.calibration.flow.analyze(model, samples)     # samples: FlowSample, one forward each
     report.save("flow.json"); print(report.table())
     schedule = adatoken.fit_schedule(report.inf, report.num_layers, retention=0.4)
 
@@ -9,7 +9,7 @@ that layer's attention rows from its own weights: input_layernorm → q_proj / k
 `position_embeddings` the layer receives → scaled logits, causal and padding mask → softmax, in fp32.
 Rows are computed `chunk_size` query tokens at a time and reduced at once to
   - group sums: for each query row, the attention mass on each token group (system, spatial, prompt,
-    answer; `adatoken.layout.GROUPS`), averaged over heads, summed per query group;
+    answer; `adatoken.core.layout.GROUPS`), averaged over heads, summed per query group;
   - λ sums: the attention each token receives from the λ rows (below), averaged over heads.
 So memory stays at one chunk, O(batch · heads · chunk · tokens), never layers × heads × tokens²,
 and the model may run under sdpa or flash attention: it is never asked for attention weights.
@@ -37,7 +37,6 @@ Definitions (every number is a mean over heads first, then over samples):
 from __future__ import annotations
 
 import inspect
-import json
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -48,12 +47,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from adatoken import adapters
-from adatoken.layout import GROUPS, TokenLayout, check_spatial_mask, spatial_mask_from_ids
-from adatoken.runtime import STATE_ATTR
-from adatoken.scoring import apply_rope
+from adatoken.core import adapters
+from adatoken.core.artifacts import JsonArtifact
+from adatoken.core.runtime import is_pruned
+from adatoken.core.layout import GROUPS, TokenLayout, check_query_index, check_window, find_spatial
+from adatoken.core.scoring import apply_rope
 
-FLOW_FORMAT = "adatoken.flow/v1"
 SYSTEM, SPATIAL, PROMPT, ANSWER = range(len(GROUPS))
 LAMBDA_STATS = ("lambda_mean", "lambda_median", "lambda_max", "top10_share", "redundant_share")
 
@@ -247,8 +246,11 @@ class _FlowHooks:
 
 # ----- the report --------------------------------------------------------------------------------
 @dataclass
-class FlowReport:
+class FlowReport(JsonArtifact):
     """Per-layer attention statistics of a model over calibration samples, and eqs. 1–4 (see module doc)."""
+
+    FORMAT = "adatoken.flow/v1"
+    KIND = "flow report"
 
     params: FlowParams
     model: dict                       # model_type, num_layers, num_heads, num_kv_heads, head_dim
@@ -287,7 +289,7 @@ class FlowReport:
 
     def to_dict(self) -> dict:
         return {
-            "format": FLOW_FORMAT, "groups": list(GROUPS), "num_layers": self.num_layers,
+            "groups": list(GROUPS), "num_layers": self.num_layers,
             "num_samples": self.num_samples, "model": self.model,
             "params": {**asdict(self.params), "alpha": _jsonable(self.params.alpha)},
             "redundancy": self.redundancy,
@@ -310,8 +312,6 @@ class FlowReport:
 
     @classmethod
     def from_dict(cls, data: dict) -> "FlowReport":
-        if not isinstance(data, dict) or data.get("format") != FLOW_FORMAT:
-            raise ValueError(f"not a flow report: expected a JSON object with format {FLOW_FORMAT!r}")
         array = lambda v: np.asarray(v, dtype=np.float64)  # noqa: E731  (null -> NaN)
         params = dict(data["params"])
         if isinstance(params["alpha"], list):
@@ -325,19 +325,8 @@ class FlowReport:
             token_lambda=None if data.get("token_lambda") is None else [array(t) for t in data["token_lambda"]],
         )
 
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
-
-    @classmethod
-    def load(cls, path: str | Path) -> "FlowReport":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"flow report not found: {path}")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON ({err})") from None
-        return cls.from_dict(data)
+    def save(self, path: str | Path, indent: int = 1) -> Path:
+        return super().save(path, indent)
 
 
 def _jsonable(value):
@@ -357,7 +346,7 @@ def analyze(model: nn.Module, samples: Iterable[FlowSample], params: FlowParams 
     keep_token_lambda: also keep every spatial token's λ per layer in the report (large for big inputs).
     The model must not be pruned (`adatoken.unprune` it first). Runs under torch.no_grad().
     """
-    if getattr(model, STATE_ATTR, None) is not None:
+    if is_pruned(model):
         raise ValueError("analyze needs the unpruned model: call adatoken.unprune(model) first")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
@@ -387,18 +376,16 @@ def analyze(model: nn.Module, samples: Iterable[FlowSample], params: FlowParams 
 def _sample_layout(adapter: adapters.Adapter, sample: FlowSample) -> TokenLayout:
     """The sample's TokenLayout (groups, padding, last instruction token), validated."""
     if not isinstance(sample, FlowSample):
-        raise ValueError(f"calibration samples must be adatoken.flow.FlowSample objects, got {type(sample).__name__}")
+        raise ValueError(f"calibration samples must be adatoken.calibration.flow.FlowSample objects, got {type(sample).__name__}")
     inputs = sample.inputs
     reference = inputs.get("input_ids", inputs.get("inputs_embeds"))
     if reference is None:
         raise ValueError("a FlowSample's inputs need input_ids or inputs_embeds")
     batch, length = reference.shape[:2]
     device = reference.device
-    if sample.spatial_mask is not None:
-        spatial = check_spatial_mask(sample.spatial_mask, (batch, length)).to(device)
-    elif adapter.spatial_token_ids and inputs.get("input_ids") is not None:
-        spatial = spatial_mask_from_ids(inputs["input_ids"], adapter.spatial_token_ids)
-    else:
+    spatial = find_spatial((batch, length), device, sample.spatial_mask, inputs.get("input_ids"),
+                           adapter.spatial_token_ids)
+    if spatial is None:
         raise ValueError("this FlowSample has no spatial_mask and the model has no image token id to find the "
                          "spatial tokens by: pass spatial_mask, a bool [batch, seq] tensor")
     attention_mask = inputs.get("attention_mask")
@@ -408,9 +395,7 @@ def _sample_layout(adapter: adapters.Adapter, sample: FlowSample) -> TokenLayout
     if sample.query_index is None:
         query = (positions * real).argmax(1)  # the last real token
     else:
-        query = torch.as_tensor(sample.query_index, dtype=torch.long, device=device).reshape(-1).expand(batch)
-        if bool(((query < 0) | (query >= length)).any()):
-            raise ValueError(f"query_index must be a position in [0, {length - 1}], got {query.tolist()}")
+        query = check_query_index(sample.query_index, batch, length, device)
     layout = TokenLayout.build(spatial, attention_mask, query)
     if not bool(layout.spatial.any(1).all()):
         raise ValueError("every calibration row needs at least one spatial token (spatial_mask is all False "
@@ -419,10 +404,7 @@ def _sample_layout(adapter: adapters.Adapter, sample: FlowSample) -> TokenLayout
     if bool((last_spatial >= query).any()):
         raise ValueError("the last instruction token (query_index) must come after every spatial token: the "
                          "layout is system | spatial | prompt | answer")
-    window = adapter.sliding_window
-    if window is not None and length > window:
-        raise ValueError(f"input of {length} tokens exceeds the sliding window ({window}); flow analysis "
-                         "assumes full causal attention")
+    check_window(length, adapter.sliding_window, "flow analysis assumes full causal attention")
     return layout
 
 

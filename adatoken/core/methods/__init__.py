@@ -13,7 +13,7 @@ from typing import ClassVar
 
 import torch
 
-from adatoken.schedule import Schedule
+from adatoken.core.schedule import Schedule
 
 METHODS: dict[str, type["Method"]] = {}
 
@@ -100,4 +100,4 @@ def check_layer(name: str, layer: int, num_layers: int) -> None:
 
 
 # Importing the method files fills METHODS.
-from adatoken.methods import none, fastv, pdrop, adatoken3d, random  # noqa: E402,F401
+from adatoken.core.methods import none, fastv, pdrop, adatoken3d, random  # noqa: E402,F401

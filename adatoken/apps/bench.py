@@ -2,7 +2,7 @@
 
 Random weights of the real shape cost the same as real weights, so a named shape (or a local
 checkpoint's config.json) is all a benchmark needs. Method: every configuration (unpruned, and each
-method at each mean spatial retention) is built once; each repeat times every configuration once,
+method at each mean spatial retention) is checked once; each repeat times every configuration once,
 in rotating order, after a warm-up round; medians are reported and every ratio is taken within the
 same run. On a GPU each timing is bracketed by `torch.cuda.synchronize()`.
 
@@ -15,8 +15,6 @@ convention) and the causal count (the pairs a flash kernel actually computes).
 """
 from __future__ import annotations
 
-import argparse
-import json
 import platform
 import statistics
 import time
@@ -25,18 +23,12 @@ from pathlib import Path
 
 import torch
 
-import adatoken
-from adatoken import flops
-from adatoken.runtime import PruneState, get_state
+from adatoken.core import adapters, flops, models
+from adatoken.core.config import PruneConfig
+from adatoken.core.methods import METHODS as METHOD_REGISTRY
+from adatoken.core.runtime import last_stats, prune, selection_timer, spatial_tokens, unprune
 
-SHAPES = {
-    # LLaVA-3D-7B's LLM (Vicuna-7B): 32 layers, 32 heads, no GQA
-    "llava3d-7b": dict(num_hidden_layers=32, hidden_size=4096, intermediate_size=11008, num_attention_heads=32),
-    # the CPU stand-in: LLaMA proportions at hidden 768
-    "cpu-llama-12l": dict(num_hidden_layers=12, hidden_size=768, intermediate_size=2048, num_attention_heads=12),
-    "cpu-llama-24l": dict(num_hidden_layers=24, hidden_size=768, intermediate_size=2048, num_attention_heads=12),
-}
-METHODS = ("fastv", "pdrop", "adatoken3d", "random")
+METHODS = tuple(m for m in METHOD_REGISTRY if m != "none")  # every registered pruning method
 
 
 @dataclass
@@ -48,11 +40,9 @@ class Setup:
 
 
 def build_model(shape: str | None, config_path: str | None, device: str, dtype: torch.dtype):
-    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
-    if config_path:
-        config = AutoConfig.from_pretrained(config_path, local_files_only=True)
-    else:
-        config = LlamaConfig(vocab_size=32000, max_position_embeddings=4096, **SHAPES[shape])
+    """Random weights of a named shape (adatoken.core.models) or of a local checkpoint's config."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    config = AutoConfig.from_pretrained(config_path, local_files_only=True) if config_path else models.config(shape)
     config._attn_implementation = "sdpa"
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -78,29 +68,6 @@ def configurations(methods, retentions) -> dict[str, dict]:
         for method in methods:
             configs[f"{method}@{retention:g}"] = {"method": method, "retention": retention}
     return configs
-
-
-class RankingTimer:
-    """Wall time spent choosing tokens (ranking, top-k, index building) inside pruned prefills."""
-
-    def __init__(self, device: str):
-        self.device, self.seconds = device, 0.0
-
-    def __enter__(self):
-        self.original, timer = PruneState._prune, self
-
-        def timed(state, *args, **kwargs):
-            _sync(timer.device)
-            start = time.perf_counter()
-            out = timer.original(state, *args, **kwargs)
-            _sync(timer.device)
-            timer.seconds += time.perf_counter() - start
-            return out
-        PruneState._prune = timed
-        return self
-
-    def __exit__(self, *exc):
-        PruneState._prune = self.original
 
 
 class StepClock:
@@ -132,10 +99,10 @@ def _timed(fn, device: str) -> tuple[float, object]:
 def measure_once(setup: Setup, new_tokens: int) -> dict:
     """One prefill (timed, with the ranking share) and, if new_tokens, one full generation."""
     model, device = setup.model, setup.device
-    with torch.inference_mode(), adatoken.spatial_tokens(model, setup.spatial):
+    with torch.inference_mode(), spatial_tokens(model, setup.spatial):
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
-        with RankingTimer(device) as ranking:
+        with selection_timer(model) as ranking:
             prefill, _ = _timed(lambda: model(**setup.inputs, use_cache=True, logits_to_keep=1), device)
         sample = {"prefill_s": prefill, "ranking_share": ranking.seconds / prefill}
         if new_tokens:
@@ -155,44 +122,67 @@ def measure_once(setup: Setup, new_tokens: int) -> dict:
 
 
 def run_sweep(setup: Setup, configs: dict[str, dict], repeats: int, new_tokens: int, progress=None) -> list[dict]:
+    """Every config timed once per round, in rotating order, after a warm-up round; medians per config."""
     model = setup.model
-    states, skipped = {}, {}
-    for name, cfg in configs.items():  # build every PruneState once; attaching one is free
+    num_layers = adapters.resolve(model).num_layers
+    prune_configs, skipped = {}, {}
+    for name, cfg in configs.items():  # refuse what this depth cannot run before any timing
         try:
-            adatoken.prune(model, **cfg)
-            states[name] = get_state(model)
+            config = cfg["config"] if "config" in cfg else PruneConfig(**cfg)
+            config.build().schedule(num_layers)
+            prune_configs[name] = config
         except ValueError as err:  # e.g. a retention this depth cannot reach with that method
             skipped[name] = str(err)
-        adatoken.unprune(model)
     if progress is not None and skipped:
         progress.total -= len(skipped) * (repeats + 1)
-    samples = {name: [] for name in states}
-    order = list(states)
+    samples = {name: [] for name in prune_configs}
+    tokens_in = {}
+    order = list(prune_configs)
     for repeat in range(repeats + 1):  # round 0 warms up
         for name in order[repeat % len(order):] + order[: repeat % len(order)]:
-            state = states[name]
-            state.attach(model)
-            setattr(model, "_adatoken_state", state)
+            prune(model, prune_configs[name])
             try:
                 sample = measure_once(setup, new_tokens)
+                tokens_in[name] = [layer[0] for layer in last_stats(model).tokens_in]
             finally:
-                state.detach()
-                delattr(model, "_adatoken_state")
+                unprune(model)
             if repeat:
                 samples[name].append(sample)
             if progress is not None:
                 progress.update(1)
-    return summarize(setup, states, samples, skipped)
+    return summarize(setup, prune_configs, tokens_in, samples, skipped)
 
 
-def summarize(setup: Setup, states, samples, skipped) -> list[dict]:
+def benchmark(model, label: str, batches, configs: dict[str, dict], spatial: int, text: int, new_tokens: int,
+              repeats: int, device: str, progress: bool = True) -> list[dict]:
+    """One result per batch size: `run_sweep`'s rows and what they were measured on."""
+    from tqdm import tqdm
+
+    dtype = model.get_input_embeddings().weight.dtype
+    results = []
+    with tqdm(total=len(batches) * len(configs) * (repeats + 1), desc="bench", unit="run", disable=not progress) as bar:
+        for batch in batches:
+            rows = run_sweep(build_setup(model, batch, spatial, text, device), configs, repeats, new_tokens, bar)
+            results.append({
+                "shape": label, "config": model.config.to_diff_dict(), "device": device,
+                "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else platform.machine(),
+                "threads": torch.get_num_threads(), "dtype": str(dtype).removeprefix("torch."), "batch": batch,
+                "spatial_tokens": spatial, "text_tokens": text, "new_tokens": new_tokens,
+                "repeats": repeats, "torch": torch.__version__, "rows": rows,
+            })
+    return results
+
+
+def summarize(setup: Setup, configs: dict[str, PruneConfig], tokens_in: dict[str, list[int]], samples,
+              skipped) -> list[dict]:
     shape = flops.ModelShape.from_config(setup.model.config)
+    num_layers = len(next(iter(tokens_in.values()))) if tokens_in else 0
     batch = setup.spatial.shape[0]
     bytes_per = setup.model.get_input_embeddings().weight.element_size()
     rows = []
-    for name, state in states.items():
-        tokens = [layer[0] for layer in state.stats.tokens_in]
-        row = {"config": name, "method": state.config.method, "retention": state.schedule.retention,
+    for name, config in configs.items():
+        tokens = tokens_in[name]
+        row = {"config": name, "method": config.method, "retention": config.build().schedule(num_layers).retention,
                "prefill_flops": flops.prefill_flops(shape, tokens).total,
                "prefill_flops_causal": flops.prefill_flops(shape, tokens, causal=True).total,
                "kv_cache_bytes_analytic": batch * flops.kv_cache_bytes(shape, tokens, bytes_per)}
@@ -218,7 +208,7 @@ def generation_peak_bytes(setup: Setup, new_tokens: int) -> int:
     model, device = setup.model, setup.device
     run = lambda: model.generate(**setup.inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens,  # noqa: E731
                                  do_sample=False, pad_token_id=0)
-    with torch.inference_mode(), adatoken.spatial_tokens(model, setup.spatial):
+    with torch.inference_mode(), spatial_tokens(model, setup.spatial):
         if device.startswith("cuda"):
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -251,7 +241,7 @@ def throughput(model, configs: dict[str, dict], budget_bytes: int, spatial: int,
     rows = []
     for name, cfg in configs.items():
         try:
-            adatoken.prune(model, **cfg)
+            prune(model, **cfg)
         except ValueError as err:
             rows.append({"config": name, "skipped": str(err)})
             continue
@@ -264,7 +254,7 @@ def throughput(model, configs: dict[str, dict], budget_bytes: int, spatial: int,
         rows.append({"config": name, "batch": batch, "per_sequence_bytes": per_sequence, "peak_bytes": peak,
                      "fits": peak <= budget_bytes, "e2e_s": sample["e2e_s"],
                      "tokens_per_s": batch * new_tokens / sample["e2e_s"]})
-    adatoken.unprune(model)
+    unprune(model)
     return rows
 
 
@@ -289,78 +279,12 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def register(subparsers) -> None:
-    parser = subparsers.add_parser("bench", help="latency/throughput/memory of pruned vs unpruned generation",
-                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    parser.set_defaults(func=run)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--shape", choices=sorted(SHAPES), default="cpu-llama-12l", help="a named model shape")
-    source.add_argument("--config", help="a local directory or config.json of a real checkpoint (random weights)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on GPU, float32 on CPU")
-    parser.add_argument("--batch", type=int, nargs="+", default=[1], help="batch sizes, one table each")
-    parser.add_argument("--spatial", type=int, default=2560, help="spatial tokens (LLaVA-3D caps scenes at 2,560)")
-    parser.add_argument("--text", type=int, default=60, help="text tokens around them")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    parser.add_argument("--retentions", type=float, nargs="+", default=[0.1, 0.2, 0.4])
-    parser.add_argument("--new-tokens", type=int, default=32, help="tokens to generate (0: prefill only)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed rounds after one warm-up round")
-    parser.add_argument("--threads", type=int, help="torch CPU threads")
-    parser.add_argument("--out", help="write JSON here (and the Markdown table beside it, .md)")
-    parser.add_argument("--throughput", action="store_true",
-                        help="instead: tokens/s at the largest batch that fits --memory-budget-gb, per method at "
-                             "the first --retentions value (pruned sequences need less memory, so more fit)")
-    parser.add_argument("--memory-budget-gb", type=float,
-                        help="memory for generation beyond the weights (default: 90%% of the free GPU memory; "
-                             "required on CPU)")
-
-
-def run(args) -> int:
-    from tqdm import tqdm
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
-    torch.manual_seed(0)
-    model = build_model(args.shape, args.config, args.device, dtype)
-    if args.throughput:
-        return run_throughput(args, model, dtype)
-    configs = configurations(args.methods, args.retentions)
-    results = []
-    with tqdm(total=len(args.batch) * len(configs) * (args.repeats + 1), desc="bench", unit="run") as progress:
-        for batch in args.batch:
-            setup = build_setup(model, batch, args.spatial, args.text, args.device)
-            rows = run_sweep(setup, configs, args.repeats, args.new_tokens, progress)
-            results.append({
-                "shape": args.config or args.shape, "config": model.config.to_diff_dict(), "device": args.device,
-                "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.machine(),
-                "threads": torch.get_num_threads(), "dtype": str(dtype).removeprefix("torch."), "batch": batch,
-                "spatial_tokens": args.spatial, "text_tokens": args.text, "new_tokens": args.new_tokens,
-                "repeats": args.repeats, "torch": torch.__version__, "rows": rows,
-            })
-    text = "\n".join(markdown(r) for r in results)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-        Path(args.out).with_suffix(".md").write_text(text)
-    return 0
-
-
-def run_throughput(args, model, dtype) -> int:
-    if args.memory_budget_gb is None:
-        if not args.device.startswith("cuda"):
-            raise SystemExit("--throughput on the CPU needs --memory-budget-gb (how much memory generation may use)")
-        budget = int(0.9 * torch.cuda.mem_get_info()[0])
-    else:
-        budget = int(args.memory_budget_gb * 2 ** 30)
-    configs = configurations(args.methods, args.retentions[:1])
-    rows = throughput(model, configs, budget, args.spatial, args.text, max(args.new_tokens, 1), args.device)
+def throughput_markdown(rows: list[dict], label: str, device: str, dtype: torch.dtype, budget_bytes: int,
+                        spatial: int, text: int, new_tokens: int) -> str:
     base = next(r for r in rows if r["config"] == "none")
-    lines = [f"throughput · {args.config or args.shape} · {args.device} · {str(dtype).removeprefix('torch.')} · "
-             f"budget {budget / 2 ** 30:.1f} GiB · {args.spatial} spatial + {args.text} text · {args.new_tokens} new tokens",
+    lines = [f"throughput · {label} · {device} · {str(dtype).removeprefix('torch.')} · "
+             f"budget {budget_bytes / 2 ** 30:.1f} GiB · {spatial} spatial + "
+             f"{text} text · {new_tokens} new tokens",
              "", "| config | largest batch | MiB per sequence | peak GiB | tokens/s | vs none |", "|---|---|---|---|---|---|"]
     for r in rows:
         if "skipped" in r:
@@ -369,10 +293,4 @@ def run_throughput(args, model, dtype) -> int:
         lines.append(f"| {r['config']} | {r['batch']} | {r['per_sequence_bytes'] / 2 ** 20:.1f} | "
                      f"{r['peak_bytes'] / 2 ** 30:.2f} | {r['tokens_per_s']:.1f} | "
                      f"{r['tokens_per_s'] / base['tokens_per_s']:.2f} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        Path(args.out).write_text(json.dumps({"budget_bytes": budget, "shape": args.config or args.shape,
-                                              "device": args.device, "rows": rows}, indent=2) + "\n")
-        Path(args.out).with_suffix(".md").write_text(text)
-    return 0
+    return "\n".join(lines) + "\n"

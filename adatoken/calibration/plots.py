@@ -12,9 +12,12 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
-from adatoken.flow import GROUPS, FlowReport
-from adatoken.schedule import Schedule, exponential_curve, normalize_inf
-from adatoken.sweep import SweepResult
+from adatoken.core.artifacts import write_atomic
+
+from adatoken.calibration.flow import GROUPS, FlowReport
+from adatoken.core.schedule import Schedule, exponential_curve
+from adatoken.calibration.fit import normalize_inf
+from adatoken.calibration.sweep import SweepResult
 
 GROUP_COLOURS = {"system": "#7f7f7f", "spatial": "#1f77b4", "prompt": "#ff7f0e", "answer": "#2ca02c"}
 DPI = 130
@@ -23,8 +26,7 @@ DPI = 130
 def _save(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI)
-    return path
+    return write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=DPI))
 
 
 def _legend_below(ax) -> None:
@@ -206,7 +208,7 @@ def plot_retention_per_layer(kept: dict[float, dict[str, Sequence[float]]], path
 def plot_speedup_vs_flops(results: dict[str, Sequence[dict]], path: str | Path) -> Path:
     """One panel per benchmarked model: measured prefill speedup against the analytic FLOPs ratio, each
     config a point labelled with its retention; on the diagonal, time falls exactly as FLOPs do.
-    results: model label -> rows of `adatoken.bench.run_sweep` (skipped rows are left out)."""
+    results: model label -> rows of `adatoken.apps.bench.run_sweep` (skipped rows are left out)."""
     fig = Figure(figsize=(4.6 * len(results) + 0.5, 4.2), layout="constrained")
     axes = fig.subplots(1, len(results), squeeze=False)[0]
     for ax, (label, rows) in zip(axes, results.items()):

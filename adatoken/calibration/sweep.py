@@ -1,7 +1,7 @@
 """The sensitivity sweep of the paper's Fig. 2A: drop x % of the spatial tokens at one layer, measure.
 
-    result = adatoken.sweep.sweep(model, samples)                 # built-in metric: next-token KL
-    result = adatoken.sweep.sweep(model, metric=my_accuracy)      # metric(model) -> float
+    result = adatoken.calibration.sweep.sweep(model, samples)                 # built-in metric: next-token KL
+    result = adatoken.calibration.sweep.sweep(model, metric=my_accuracy)      # metric(model) -> float
     result.save("sweep.json")
 
 For every layer K and drop ratio x the model is pruned with one drop, at layer K, of x of the spatial
@@ -20,22 +20,19 @@ built-in metrics).
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-import adatoken
-from adatoken import adapters
-from adatoken.flow import FlowSample, call_kwargs
-from adatoken.runtime import STATE_ATTR
+from adatoken.core.runtime import is_pruned, prune, spatial_tokens, unprune
+from adatoken.core import adapters
+from adatoken.core.artifacts import JsonArtifact
+from adatoken.calibration.flow import FlowSample, call_kwargs
 
-SWEEP_FORMAT = "adatoken.sweep/v1"
 RANKINGS = ("fastv", "pdrop")
 # name -> (axis label, higher is better)
 BUILTIN_METRICS = {
@@ -47,8 +44,11 @@ DROP_RATIOS = (0.0, 0.25, 0.5, 0.75, 0.9)
 
 
 @dataclass
-class SweepResult:
+class SweepResult(JsonArtifact):
     """metric[k][j]: the metric with drop_ratios[j] of the spatial tokens dropped at layers[k]."""
+
+    FORMAT = "adatoken.sweep/v1"
+    KIND = "sweep result"
 
     ranking: str
     metric_name: str
@@ -60,20 +60,11 @@ class SweepResult:
     metric: list[list[float]]
 
     def to_dict(self) -> dict:
-        return {"format": SWEEP_FORMAT, **asdict(self)}
+        return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "SweepResult":
-        if not isinstance(data, dict) or data.get("format") != SWEEP_FORMAT:
-            raise ValueError(f"not a sweep result: expected a JSON object with format {SWEEP_FORMAT!r}")
         return cls(**{k: v for k, v in data.items() if k != "format"})
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-
-    @classmethod
-    def load(cls, path: str | Path) -> "SweepResult":
-        return cls.from_dict(json.loads(Path(path).read_text()))
 
     def table(self) -> str:
         head = f"{self.metric_name} ({'higher' if self.higher_is_better else 'lower'} is better; "
@@ -131,7 +122,7 @@ def _marked(model: nn.Module, sample: FlowSample):
     query = sample.query_index
     if query is not None and not torch.is_tensor(query) and not isinstance(query, int):
         query = torch.as_tensor(query)
-    return adatoken.spatial_tokens(model, sample.spatial_mask, query_index=query)
+    return spatial_tokens(model, sample.spatial_mask, query_index=query)
 
 
 def sweep(model: nn.Module, samples: Sequence[FlowSample] | None = None,
@@ -144,8 +135,8 @@ def sweep(model: nn.Module, samples: Sequence[FlowSample] | None = None,
     axis labels) attributes. layers: default 1/8, 3/8 and 3/4 of the depth. The model must not be
     pruned; it is unpruned again when the sweep ends.
     """
-    if getattr(model, STATE_ATTR, None) is not None:
-        raise ValueError("sweep needs the unpruned model: call adatoken.unprune(model) first")
+    if is_pruned(model):
+        raise ValueError("sweep needs the unpruned model: call unprune(model) first")
     if ranking not in RANKINGS:
         raise ValueError(f"unknown ranking {ranking!r}; valid rankings: {', '.join(RANKINGS)} "
                          "(random has no single-layer form)")
@@ -173,14 +164,14 @@ def sweep(model: nn.Module, samples: Sequence[FlowSample] | None = None,
             row = []
             for x in drop_ratios:
                 if ranking == "fastv":
-                    adatoken.prune(model, "fastv", layer=layer, drop_ratio=x)
+                    prune(model, "fastv", layer=layer, drop_ratio=x)
                 else:
-                    adatoken.prune(model, "pdrop", layers=(layer,), ratio=1.0 - x)
+                    prune(model, "pdrop", layers=(layer,), ratio=1.0 - x)
                 row.append(float(metric(model)))
                 bar.update()
             values.append(row)
     finally:
-        adatoken.unprune(model)
+        unprune(model)
         bar.close()
     return SweepResult(ranking=ranking, metric_name=name, metric_label=getattr(metric, "label", name),
                        higher_is_better=bool(getattr(metric, "higher_is_better", True)), layers=layers,

@@ -70,3 +70,29 @@ def check_spatial_mask(mask: torch.Tensor, shape: tuple[int, int]) -> torch.Tens
             "pass one bool per input position (True at the spatial tokens)"
         )
     return mask
+
+
+# ----- input checks shared by the pruning runtime and the flow analysis ---------------------------
+def find_spatial(shape: tuple[int, int], device, explicit: torch.Tensor | None = None,
+                 input_ids: torch.Tensor | None = None, token_ids: tuple[int, ...] = ()) -> torch.Tensor | None:
+    """The spatial mask of an input of `shape` [batch, seq]: the explicit mask (checked), else where
+    `input_ids` hold one of the spatial token ids; None when there is neither to go by."""
+    if explicit is not None:
+        return check_spatial_mask(explicit, shape).to(device)
+    if token_ids and input_ids is not None and tuple(input_ids.shape) == tuple(shape):
+        return spatial_mask_from_ids(input_ids, token_ids).to(device)
+    return None
+
+
+def check_query_index(query, batch: int, length: int, device) -> torch.Tensor:
+    """The last instruction token's position per sample, [batch] long, from an int, a list or a tensor."""
+    query = torch.as_tensor(query, dtype=torch.long, device=device).reshape(-1).expand(batch)
+    if bool(((query < 0) | (query >= length)).any()):
+        raise ValueError(f"query_index must be a position in [0, {length - 1}], got {query.tolist()}")
+    return query
+
+
+def check_window(length: int, window: int | None, what: str) -> None:
+    """Refuse inputs longer than a sliding attention window (Mistral v0.1): `what` says what cannot cope."""
+    if window is not None and length > window:
+        raise ValueError(f"input of {length} tokens exceeds the sliding window ({window}); {what}")

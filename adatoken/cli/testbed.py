@@ -5,7 +5,8 @@ Heavy imports happen inside the commands, so `adatoken --help` stays fast.
 from __future__ import annotations
 
 import argparse
-import json
+
+from adatoken.core.artifacts import write_json_atomic
 
 
 def register(subparsers) -> None:
@@ -98,8 +99,7 @@ def _eval(args: argparse.Namespace) -> int:
                       answers_path=args.answers, progress=not args.quiet)
     print(format_table(result))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"split": args.split, "checkpoint": args.checkpoint or "shipped", **result}, f, indent=2)
+        write_json_atomic(args.json, {"split": args.split, "checkpoint": args.checkpoint or "shipped", **result})
     return 0
 
 

@@ -1,19 +1,19 @@
 """The `adatoken` command. Each feature module contributes its subcommands through `register`."""
+# This package only parses arguments and calls library functions; no library module imports from it.
 from __future__ import annotations
 
 import argparse
 import importlib
-import shlex
 import sys
 
 # Modules that add subcommands; each exposes register(subparsers). Kept as names so `adatoken --help`
 # stays fast and a broken optional feature cannot take the whole CLI down silently (it raises).
 COMMAND_MODULES = [
-    "adatoken.demo",
-    "adatoken.bench",
-    "adatoken.calibrate_cli",
-    "adatoken.eval.cli",
-    "adatoken.testbed.cli",
+    "adatoken.cli.demo",
+    "adatoken.cli.bench",
+    "adatoken.cli.calibrate",
+    "adatoken.cli.eval",
+    "adatoken.cli.testbed",
 ]
 
 
@@ -26,19 +26,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def reproducing_command(args: argparse.Namespace) -> str:
-    """`adatoken COMMAND ...` with every option of `args` spelled out (defaults included), for reports.
-    --fresh and --no-progress are left out: they change how a run goes, not what it computes."""
-    words = ["adatoken", args.command]
-    for name, value in vars(args).items():
-        if name in ("func", "command", "fresh", "no_progress") or value is None or value is False:
-            continue
-        words.append("--" + name.replace("_", "-"))
-        if value is not True:
-            words += [f"{v:g}" if isinstance(v, float) else str(v) for v in (value if isinstance(value, list) else [value])]
-    return shlex.join(words)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -48,6 +35,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"adatoken {args.command}: error: {err}", file=sys.stderr)
         return 2
 
-
-if __name__ == "__main__":
-    sys.exit(main())

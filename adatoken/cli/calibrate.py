@@ -13,7 +13,7 @@ Where the model and its calibration samples come from is decided in one place, `
   - `--model-path DIR`: a local Hugging Face checkpoint (never downloaded), with the same synthetic
     layout: random system/prompt/answer token ids, and as spatial tokens the embeddings of random
     vocabulary tokens. For a real calibration, build FlowSamples from real data and call
-    `adatoken.flow.analyze` from Python.
+    `adatoken.calibration.flow.analyze` from Python.
 
 transformers and matplotlib are imported only where needed, so `adatoken --help` stays fast.
 """
@@ -26,9 +26,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from adatoken.flow import FlowParams, FlowReport, FlowSample, analyze
-from adatoken.schedule import fit_schedule
-from adatoken.sweep import BUILTIN_METRICS, DROP_RATIOS, RANKINGS, sweep
+from adatoken.calibration.flow import FlowParams, FlowReport, analyze
+from adatoken.calibration.samples import synthetic_samples
+from adatoken.calibration.fit import fit_schedule
+from adatoken.core import models
+from adatoken.calibration.sweep import BUILTIN_METRICS, DROP_RATIOS, RANKINGS, sweep
 
 SYNTHETIC_MODELS = ("tiny-llama", "tiny-qwen2")
 MODELS = ("testbed", *SYNTHETIC_MODELS)
@@ -129,117 +131,29 @@ def load_source(args) -> Source:
     if args.model_path is None and args.model == "testbed":
         return _testbed_source(args.num_samples, device, dtype)
     if args.model_path is not None:
-        model = _load_checkpoint(args.model_path, dtype, args.attn)
+        if not args.model_path.is_dir():
+            raise ValueError(f"--model-path must be a local checkpoint directory, got {args.model_path}")
+        model = models.load_checkpoint(args.model_path, dtype, args.attn)
         name = str(args.model_path)
-    else:
-        model = _synthetic_model(args.model, args.attn).to(dtype)
+    else:  # tiny-llama, tiny-qwen2: random weights of a named shape (adatoken.core.models)
+        model = models.build(args.model, args.attn).to(dtype)
         name = args.model
     model = model.to(device).eval()
     return Source(name, model, synthetic_samples(model, args.num_samples, args.spatial_tokens, args.seed))
 
 
 def _testbed_source(count: int, device: str, dtype: torch.dtype) -> Source:
-    """The shipped testbed LLM and `count` questions of its calib split (see testbed_flow_samples)."""
+    """The shipped testbed LLM and `count` questions of its calib split (adatoken.testbed.calibration)."""
     from adatoken import testbed
+    from adatoken.testbed.calibration import flow_samples
 
     model = testbed.load().to(device=device, dtype=dtype)
-    return Source("testbed", model.llm, testbed_flow_samples(model, count))
-
-
-def testbed_flow_samples(model, count: int) -> list[FlowSample]:
-    """The first `count` questions of the testbed's calib split as FlowSamples of `model.llm`, one each.
-
-    Each sample holds the question with its reference answer appended, so λ is the answer's attention
-    as in the paper. Questions are drawn under the model's own spatial settings: they ask only about
-    objects its spatial tokens show.
-    """
-    from adatoken import testbed
-    from adatoken.testbed.tokenizer import dialogue_ids
-
-    if count < 1:
-        raise ValueError(f"need at least one calibration question, got {count}")
-    # A scene gives at most one question of each type: draw only the scenes the first `count` need.
-    total = testbed.SPLITS["calib"][1]
-    scenes = min(total, -(-count // len(testbed.QUESTION_TYPES)))
-    records = testbed.load_split("calib", num_scenes=scenes, cfg=model.spatial_config)
-    while len(records) < count and scenes < total:
-        scenes = min(total, 2 * scenes)
-        records = testbed.load_split("calib", num_scenes=scenes, cfg=model.spatial_config)
-    if len(records) < count:
-        raise ValueError(f"the testbed's calib split has {len(records)} questions, fewer than the {count} asked for")
-    samples = []
-    for record in records[:count]:
-        ids, is_answer = dialogue_ids(model.tokenizer, [(record.question, record.answers[0])])
-        with torch.no_grad():
-            inputs = model.embed([model.spatial_tokens(record)], [ids])
-        spatial = inputs.pop("spatial_mask")
-        last_instruction = spatial.shape[1] - sum(is_answer) - 1  # `ASSISTANT:`, the last prompt token
-        samples.append(FlowSample(inputs, spatial, query_index=last_instruction))
-    return samples
-
-
-def _synthetic_model(name: str, attn: str) -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
-    # 12 narrow layers: deep enough for a visible per-layer curve, seconds per sample on a CPU.
-    # initializer_range 0.2 (transformers' default is 0.02) makes the random attention peaked rather
-    # than near uniform, so the figures have some structure to show.
-    shape = dict(vocab_size=1024, hidden_size=128, intermediate_size=344, num_hidden_layers=12,
-                 num_attention_heads=4, max_position_embeddings=4096, initializer_range=0.2)
-    torch.manual_seed(0)
-    if name == "tiny-llama":
-        model = LlamaForCausalLM(LlamaConfig(num_key_value_heads=4, **shape))
-    else:  # GQA and q/k biases
-        model = Qwen2ForCausalLM(Qwen2Config(num_key_value_heads=2, use_sliding_window=False, **shape))
-    model.set_attn_implementation(attn)
-    return model
-
-
-def _load_checkpoint(path: Path, dtype: torch.dtype, attn: str) -> nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
-
-    if not path.is_dir():
-        raise ValueError(f"--model-path must be a local checkpoint directory, got {path}")
-    options = dict(config=AutoConfig.from_pretrained(path, local_files_only=True), local_files_only=True,
-                   dtype=dtype, attn_implementation=attn)
-    try:
-        return AutoModelForCausalLM.from_pretrained(path, **options)
-    except ValueError as err:  # multimodal wrappers such as LLaVA are image-text-to-text models
-        if "Unrecognized configuration class" not in str(err):
-            raise
-    return AutoModelForImageTextToText.from_pretrained(path, **options)
-
-
-def synthetic_samples(model: nn.Module, count: int, num_spatial: int, seed: int,
-                      system: int = 8, prompt: int = 16, answer: int = 4) -> list:
-    """`count` samples laid out system | spatial | prompt | answer, as inputs_embeds.
-
-    Text tokens are random vocabulary ids; spatial tokens are the embeddings of random vocabulary ids,
-    so they lie in the distribution of the model's input embeddings. The answer follows the last
-    prompt token, so λ is the answer's attention, as in the paper.
-    """
-    if count < 1 or num_spatial < 1:
-        raise ValueError(f"need at least one sample and one spatial token, got {count} samples of {num_spatial}")
-    embed = model.get_input_embeddings()
-    vocab = embed.num_embeddings
-    device = embed.weight.device
-    generator = torch.Generator().manual_seed(seed)
-    length = system + num_spatial + prompt + answer
-    samples = []
-    for _ in range(count):
-        ids = torch.randint(1, vocab, (1, length), generator=generator).to(device)
-        spatial = torch.zeros(1, length, dtype=torch.bool, device=device)
-        spatial[:, system:system + num_spatial] = True
-        with torch.no_grad():
-            embeds = embed(ids)
-        inputs = {"inputs_embeds": embeds, "attention_mask": torch.ones(1, length, dtype=torch.long, device=device)}
-        samples.append(FlowSample(inputs, spatial, query_index=system + num_spatial + prompt - 1))
-    return samples
+    return Source("testbed", model.llm, flow_samples(model, count))
 
 
 # ----- commands ------------------------------------------------------------------------------------
 def run_analyze(args) -> int:
-    from adatoken import plots  # matplotlib: only when drawing
+    from adatoken.calibration import plots  # matplotlib: only when drawing
 
     params = FlowParams(**{name: getattr(args, name) for name in FLOW_PARAM_HELP})
     source = load_source(args)
@@ -255,7 +169,7 @@ def run_analyze(args) -> int:
 
 
 def run_fit(args) -> int:
-    from adatoken import plots
+    from adatoken.calibration import plots
 
     report = FlowReport.load(args.flow)
     schedule = fit_schedule(report.inf, report.num_layers, retention=args.retention,
@@ -274,7 +188,7 @@ def run_fit(args) -> int:
 
 
 def run_sweep(args) -> int:
-    from adatoken import plots
+    from adatoken.calibration import plots
 
     source = load_source(args)
     result = sweep(source.model, source.samples, metric=args.metric, layers=args.layers,

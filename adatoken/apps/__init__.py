@@ -1,0 +1,1 @@
+"""Applications built on the library: the latency benchmark (`bench`) and the end-to-end demo (`demo`)."""

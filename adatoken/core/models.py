@@ -1,0 +1,101 @@
+"""Where models come from when no user hands one over: the one table of named shapes, and local checkpoints.
+
+Random weights of a real shape cost what real weights cost, so benchmarks, the demo, the synthetic
+calibration sources, the tests and `benchmarks/` all build their decoders from the table here; a
+shape is written down once:
+
+    model = models.build("cpu-llama-24l", attn="sdpa")         # LlamaForCausalLM, seeded weights
+    model = models.load_checkpoint("path/to/llava-1.5-7b")      # a local folder, never downloaded
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass(frozen=True)
+class Shape:
+    family: str        # "llama" or "qwen2": the transformers config/model class
+    config: dict       # keyword arguments of that config class
+    description: str
+
+
+SHAPES: dict[str, Shape] = {
+    "llava3d-7b": Shape("llama", dict(num_hidden_layers=32, hidden_size=4096, intermediate_size=11008,
+                                      num_attention_heads=32, vocab_size=32000, max_position_embeddings=4096),
+                        "LLaVA-3D-7B's LLM (Vicuna-7B): 32 layers, 32 heads, no GQA"),
+    "cpu-llama-12l": Shape("llama", dict(num_hidden_layers=12, hidden_size=768, intermediate_size=2048,
+                                         num_attention_heads=12, vocab_size=32000, max_position_embeddings=4096),
+                           "the CPU stand-in: LLaMA proportions at hidden 768, 12 layers"),
+    "cpu-llama-24l": Shape("llama", dict(num_hidden_layers=24, hidden_size=768, intermediate_size=2048,
+                                         num_attention_heads=12, vocab_size=32000, max_position_embeddings=4096),
+                           "the CPU stand-in at 24 layers: deep enough for retention 0.1 with every method"),
+    # LLaVA-3D-7B shrunk for a CPU: its 32 layers, head_dim 128 and MLP ratio 11008/4096 kept, hidden
+    # 4096 -> 256 (2 heads): a 32-layer prefill of a thousand spatial tokens in seconds on one core.
+    "llava3d-mini": Shape("llama", dict(num_hidden_layers=32, hidden_size=256, intermediate_size=688,
+                                        num_attention_heads=2, vocab_size=32000, max_position_embeddings=4096),
+                          "LLaVA-3D-7B's depth and head size at hidden 256 (the demo's benchmark model)"),
+    # 12 narrow layers: deep enough for a visible per-layer curve, seconds per sample on a CPU.
+    # initializer_range 0.2 (transformers' default is 0.02) makes the random attention peaked rather
+    # than near uniform, so the calibration figures have some structure to show.
+    "tiny-llama": Shape("llama", dict(vocab_size=1024, hidden_size=128, intermediate_size=344, num_hidden_layers=12,
+                                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096,
+                                      initializer_range=0.2),
+                        "12 narrow layers with peaked random attention (synthetic calibration)"),
+    "tiny-qwen2": Shape("qwen2", dict(vocab_size=1024, hidden_size=128, intermediate_size=344, num_hidden_layers=12,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                                      initializer_range=0.2, use_sliding_window=False),
+                        "tiny-llama's shape as Qwen2: GQA and q/k/v biases (synthetic calibration)"),
+    "flow-memory": Shape("llama", dict(vocab_size=1000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=8192),
+                         "4 layers at hidden 256, 8,192 positions (the flow analysis' memory benchmark)"),
+    "tiny-6l": Shape("llama", dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                                num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+                                rms_norm_eps=1e-5, tie_word_embeddings=False),
+                  "6 layers at hidden 64: the test suite's decoders (other families reuse its sizes)"),
+}
+
+
+def shape(name: str) -> Shape:
+    if name not in SHAPES:
+        raise ValueError(f"unknown model shape {name!r}; valid shapes: {', '.join(sorted(SHAPES))}")
+    return SHAPES[name]
+
+
+def config(name: str, **overrides):
+    """The transformers config of a named shape."""
+    from transformers import LlamaConfig, Qwen2Config
+
+    entry = shape(name)
+    return {"llama": LlamaConfig, "qwen2": Qwen2Config}[entry.family](**{**entry.config, **overrides})
+
+
+def build(name: str, attn: str = "sdpa", dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = 0):
+    """A random-weight causal LM of the named shape, in eval mode; the same seed gives the same weights."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = config(name)
+    cfg._attn_implementation = attn
+    torch.manual_seed(seed)
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
+
+
+def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, attn: str = "sdpa"):
+    """A local Hugging Face checkpoint folder (never downloaded): a causal LM, or an image-text-to-text
+    model such as LLaVA when the folder holds one."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"a model checkpoint must be a local folder, got {path}")
+    options = dict(config=AutoConfig.from_pretrained(path, local_files_only=True), local_files_only=True,
+                   dtype=dtype, attn_implementation=attn)
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, **options)
+    except ValueError as err:  # multimodal wrappers such as LLaVA are image-text-to-text models
+        if "Unrecognized configuration class" not in str(err):
+            raise
+    return AutoModelForImageTextToText.from_pretrained(path, **options)
