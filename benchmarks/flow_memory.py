@@ -11,9 +11,10 @@ byte the process holds (torch tensors, Python objects, allocator slack), which i
 machine sees. Configurations run round-robin, `--repeats` times each; the table gives the median
 (and the range) of the peaks. Workers use one torch thread and serve large allocations by mmap
 (WORKER_ENV below): per-thread arenas and reused heap blocks otherwise add tens of MiB of run-to-run
-noise. This benchmark is about memory, not speed. Two reference rows: the same forward without analysis (what the model itself needs),
-and the model's own eager attention with output_attentions=True, the way attention maps are usually
-collected, which keeps layers × heads × tokens² weights.
+noise. This benchmark is about memory, not speed. Two reference rows: the same forward without
+analysis (what the model itself needs), and the model's own eager attention with
+output_attentions=True, the way attention maps are usually collected, which keeps
+layers × heads × tokens² weights.
 
 The model is a random Llama of moderate size (4 layers, hidden 256, 4 heads, sdpa attention), fp32.
 """
@@ -96,7 +97,8 @@ def worker(mode: str, tokens: int, chunk_size: int) -> dict:
     del kept
     heads, layers = model.config.num_attention_heads, model.config.num_hidden_layers
     # the largest block of attention weights held at once: one chunk of rows of one layer, or every layer's map
-    block = {"forward": 0, "analyze": heads * min(chunk_size, tokens) * tokens, "eager-maps": layers * heads * tokens**2}
+    block = {"forward": 0, "analyze": heads * min(chunk_size, tokens) * tokens,
+             "eager-maps": layers * heads * tokens**2}
     return {"mode": mode, "tokens": tokens, "chunk_size": chunk_size if mode == "analyze" else None,
             "peak_increase_mib": (peak - before) / 1024, "seconds": seconds,
             "attention_block_mib": block[mode] * 4 / 2**20}
@@ -122,7 +124,8 @@ def main() -> None:
     runs = {config: [] for config in configs}
     for _ in range(args.repeats):  # round-robin, so a slow spell of the machine hits every configuration
         for mode, chunk in configs:  # a fresh process each: the peak resident size is per process
-            command = [sys.executable, __file__, "--tokens", str(args.tokens), "--worker", mode, "--chunk-size", str(chunk)]
+            command = [sys.executable, __file__, "--tokens", str(args.tokens), "--worker", mode,
+                       "--chunk-size", str(chunk)]
             out = subprocess.run(command, check=True, capture_output=True, text=True, env=WORKER_ENV).stdout
             runs[(mode, chunk)].append(json.loads(out.strip().splitlines()[-1]))
     rows = []

@@ -1,130 +1,13 @@
-"""Tiny random-weight models built from transformers configs (no downloads) and input builders."""
-from __future__ import annotations
-
+"""Fixtures. Models and inputs are built by tiny_models.py, the invariants shared with tests_legacy/ live in
+invariants.py; test modules import those two by name, never this file or another test module."""
 import pytest
 import torch
-from transformers import (LlamaConfig, LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration,
-                          LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaOnevisionConfig,
-                          LlavaOnevisionForConditionalGeneration, MistralConfig, MistralForCausalLM,
-                          Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Config, Qwen2ForCausalLM,
-                          Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen3Config, Qwen3ForCausalLM)
+
+pytest.register_assert_rewrite("invariants", "tiny_models")  # their asserts report values, as a test's do
+
+from tiny_models import FAMILIES  # noqa: E402  (after the rewrite registration)
 
 torch.set_num_threads(2)
-
-VOCAB = 96
-IMAGE_TOKEN = 95
-TEXT_KW = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
-               num_attention_heads=4, max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=False)
-FAMILIES = ["llama", "qwen2", "mistral", "llava"]
-VIDEO_TOKEN, VISION_START, VISION_END = 94, 93, 92  # Qwen2-VL's markers around each image / video
-# multimodal families whose inputs come from `vision_inputs` (pixels whose features fill the spatial tokens)
-VISION_FAMILIES = ["llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl"]
-CLIP = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-            num_attention_heads=2, image_size=16, patch_size=4, projection_dim=32)
-
-
-def text_config(family: str):
-    if family == "llama":
-        return LlamaConfig(num_key_value_heads=4, **TEXT_KW)
-    if family == "qwen2":  # GQA and q/k/v biases
-        return Qwen2Config(num_key_value_heads=2, use_sliding_window=False, **TEXT_KW)
-    if family == "mistral":
-        return MistralConfig(num_key_value_heads=2, sliding_window=None, **TEXT_KW)
-    if family == "qwen3":  # GQA, per-head q/k norms, head_dim != hidden / heads
-        return Qwen3Config(num_key_value_heads=2, head_dim=24, **TEXT_KW)
-    raise ValueError(family)
-
-
-def _vision_model(family: str):
-    if family == "llava_next":  # anyres: a base 16px view and a 16x32 grid, with newline tokens
-        config = LlavaNextConfig(vision_config=CLIP, text_config=text_config("llama").to_dict(),
-                                 image_token_index=IMAGE_TOKEN, image_grid_pinpoints=[[16, 32]],
-                                 vision_feature_layer=-1)
-        return LlavaNextForConditionalGeneration(config)
-    if family == "llava_onevision":  # Qwen2 inside
-        config = LlavaOnevisionConfig(vision_config=CLIP, text_config=text_config("qwen2").to_dict(),
-                                      image_token_index=IMAGE_TOKEN, video_token_index=VIDEO_TOKEN,
-                                      image_grid_pinpoints=[[16, 32]], vision_feature_layer=-1,
-                                      vision_feature_select_strategy="default")
-        return LlavaOnevisionForConditionalGeneration(config)
-    # Qwen2-VL / Qwen2.5-VL: multimodal RoPE with sections [2, 3, 3] of the 8 rotary pairs of a 16-dim head
-    text = dict(num_key_value_heads=2, bos_token_id=1, eos_token_id=2, **TEXT_KW,
-                rope_parameters=dict(rope_type="default", mrope_section=[2, 3, 3], rope_theta=10000.0))
-    markers = dict(image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START,
-                   vision_end_token_id=VISION_END)
-    patches = dict(num_heads=2, patch_size=2, spatial_merge_size=2, temporal_patch_size=2)
-    if family == "qwen2_vl":
-        vision = dict(depth=1, embed_dim=32, hidden_size=64, **patches)
-        return Qwen2VLForConditionalGeneration(Qwen2VLConfig(vision_config=vision, text_config=text, **markers))
-    if family == "qwen2_5_vl":
-        vision = dict(depth=1, hidden_size=32, out_hidden_size=64, intermediate_size=64, window_size=8,
-                      fullatt_block_indexes=[0], **patches)
-        return Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(vision_config=vision, text_config=text, **markers))
-    raise ValueError(family)
-
-
-def build_model(family: str, attn: str = "eager", seed: int = 0):
-    torch.manual_seed(seed)
-    if family == "llava":
-        vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, image_size=16, patch_size=4, projection_dim=32)
-        config = LlavaConfig(vision_config=vision, text_config=text_config("llama").to_dict(),
-                             image_token_id=IMAGE_TOKEN, vision_feature_layer=-1, projector_hidden_act="gelu")
-        model = LlavaForConditionalGeneration(config)
-    elif family in VISION_FAMILIES:
-        model = _vision_model(family)
-    else:
-        model = {"llama": LlamaForCausalLM, "qwen2": Qwen2ForCausalLM, "mistral": MistralForCausalLM,
-                 "qwen3": Qwen3ForCausalLM}[family](text_config(family))
-    model.set_attn_implementation(attn)
-    return model.eval()
-
-
-def make_prompt(num_spatial: int, system: int = 5, prompt: int = 7, seed: int = 0, family: str = "llama"):
-    """input_ids [1, S] laid out system | spatial | prompt, and the spatial mask."""
-    g = torch.Generator().manual_seed(seed)
-    text = lambda n: torch.randint(1, IMAGE_TOKEN - 1, (n,), generator=g)  # noqa: E731
-    ids = torch.cat([text(system), torch.full((num_spatial,), IMAGE_TOKEN), text(prompt)])[None]
-    return ids, ids == IMAGE_TOKEN
-
-
-def model_inputs(model, family: str, ids: torch.Tensor, attention_mask=None, seed: int = 0):
-    """kwargs for model(...) / generate: Llava gets pixel values whose patches fill the image tokens;
-    text families get inputs_embeds (the LLaVA-3D way) and must be wrapped in adatoken.spatial_tokens."""
-    kwargs = {"attention_mask": attention_mask if attention_mask is not None else torch.ones_like(ids)}
-    if family == "llava":
-        g = torch.Generator().manual_seed(seed)
-        kwargs["input_ids"] = ids
-        kwargs["pixel_values"] = torch.randn(ids.shape[0], 3, 16, 16, generator=g)
-    else:
-        g = torch.Generator().manual_seed(seed + 1)
-        embeds = model.get_input_embeddings()(ids).detach()
-        spatial = ids == IMAGE_TOKEN
-        embeds[spatial] = torch.randn(int(spatial.sum()), embeds.shape[-1], generator=g)
-        kwargs["inputs_embeds"] = embeds
-    return kwargs
-
-
-def vision_inputs(family: str, seed: int = 0, system: int = 5, prompt: int = 7) -> dict:
-    """kwargs for model(...) / generate of a VISION_FAMILIES model: input ids laid out
-    system | image [| video] | prompt, and pixels whose features fill those tokens exactly."""
-    g = torch.Generator().manual_seed(seed)
-    text = lambda n: torch.randint(1, VISION_END, (n,), generator=g)  # noqa: E731  (no marker ids)
-    tokens = lambda token, n: torch.full((n,), token)  # noqa: E731
-    if family == "llava_next":
-        ids = torch.cat([text(system), tokens(IMAGE_TOKEN, 52), text(prompt)])
-        pixels = dict(pixel_values=torch.randn(1, 3, 3, 16, 16, generator=g), image_sizes=torch.tensor([[16, 32]]))
-    elif family == "llava_onevision":  # an image (52 tokens) and a 2-frame video (2x2 pooled per frame + newline)
-        ids = torch.cat([text(system), tokens(IMAGE_TOKEN, 52), tokens(VIDEO_TOKEN, 9), text(prompt)])
-        pixels = dict(pixel_values=torch.randn(1, 3, 3, 16, 16, generator=g), image_sizes=torch.tensor([[16, 32]]),
-                      pixel_values_videos=torch.randn(1, 2, 3, 16, 16, generator=g))
-    else:  # Qwen2-VL family: an 8x12-patch image (24 merged tokens) and a 2x4x4 video (8 tokens), each in markers
-        ids = torch.cat([text(system), tokens(VISION_START, 1), tokens(IMAGE_TOKEN, 24), tokens(VISION_END, 1),
-                         tokens(VISION_START, 1), tokens(VIDEO_TOKEN, 8), tokens(VISION_END, 1), text(prompt)])
-        pixels = dict(pixel_values=torch.randn(96, 24, generator=g), image_grid_thw=torch.tensor([[1, 8, 12]]),
-                      pixel_values_videos=torch.randn(32, 24, generator=g), video_grid_thw=torch.tensor([[2, 4, 4]]),
-                      mm_token_type_ids=((ids == IMAGE_TOKEN).int() + 2 * (ids == VIDEO_TOKEN).int())[None])
-    return dict(input_ids=ids[None], attention_mask=torch.ones(1, len(ids), dtype=torch.long), **pixels)
 
 
 @pytest.fixture(params=FAMILIES)

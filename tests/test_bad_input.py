@@ -4,8 +4,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import adatoken
-from adatoken.schedule import Schedule
-from conftest import IMAGE_TOKEN, build_model, make_prompt, model_inputs
+from adatoken.core.schedule import Schedule
+from tiny_models import IMAGE_TOKEN, build_model, make_prompt, model_inputs
 
 
 def test_unknown_method_lists_valid_ones():
@@ -43,7 +43,8 @@ def test_spatial_mask_with_wrong_shape():
     model = adatoken.prune(build_model("llama"), "adatoken3d", retention=0.5)
     ids, spatial = make_prompt(20)
     kwargs = model_inputs(model, "llama", ids)
-    with pytest.raises(ValueError, match=r"spatial mask has shape \(1, 31\) but the input is \[batch, seq\] = \(1, 32\)"):
+    wrong = r"spatial mask has shape \(1, 31\) but the input is \[batch, seq\] = \(1, 32\)"
+    with pytest.raises(ValueError, match=wrong):
         with adatoken.spatial_tokens(model, spatial[:, 1:]):
             model(**kwargs)
     with pytest.raises(ValueError, match="must be a \\[batch, seq\\] tensor"):
@@ -80,7 +81,7 @@ def test_bad_schedules_and_stats_before_forward():
 
 
 def test_stats_flops_follow_the_kept_counts():
-    from adatoken import flops
+    from adatoken.core import flops
     model = adatoken.prune(build_model("llama"), "fastv", layer=2, drop_ratio=0.5)
     ids, spatial = make_prompt(40)
     with torch.no_grad(), adatoken.spatial_tokens(model, ids == IMAGE_TOKEN):

@@ -92,6 +92,8 @@ def test_jsonl():
 
 
 def test_load_dataset_by_name():
+    import adatoken.testbed  # noqa: F401  (the testbed registers its own loader)
+
     assert set(LOADERS) == {"scanqa", "sqa3d", "llava3d", "jsonl", "testbed"}
     assert len(load_dataset("sqa3d", FIXTURES / "sqa3d", split="test")) == 3
     with pytest.raises(ValueError, match="valid: scanqa, sqa3d, llava3d, jsonl, testbed"):

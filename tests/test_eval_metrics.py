@@ -132,6 +132,7 @@ def test_ngram_scores_equal_pycocoevalcap_with_ptb_tokenizer():
     assert result["samples"][0]["rouge_l"] == pytest.approx(1.0)
 
 
+@pytest.mark.slow
 def test_meteor_runs_the_real_jar():
     result = score(PREDICTIONS, REFERENCES, style="leo")
     assert "meteor" not in result["unavailable"]

@@ -5,8 +5,8 @@ is downloaded, no trained weights needed); its answers are nonsense, which is fi
 about what the runner keeps, loses, repeats and reports, not about accuracy.
 """
 import json
-import re
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 
 from adatoken.cli import main
+from adatoken.core.schedule import curve_schedule
 from adatoken.eval.datasets import QARecord, load_dataset
 from adatoken.eval.report import wilson_interval
 from adatoken.eval.runner import cut_torn_tail, load_schedules, read_log, select_subset, sweep_configs
-from adatoken.schedule import curve_schedule
-from adatoken.testbed.data import load_split
 from adatoken.testbed import model as testbed_model
+from adatoken.testbed.data import load_split
 from adatoken.testbed.spatial import SpatialConfig
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -122,6 +122,7 @@ def test_resume_after_a_torn_write(reference, checkpoint, tmp_path):
     assert_same_as_reference(tmp_path, reference)
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill(reference, checkpoint, tmp_path):
     """kill -9 midway through the sweep, then the same command again: the result is the uninterrupted one."""
     args = [sys.executable, "-m", "adatoken.cli", *eval_args(checkpoint, tmp_path)]

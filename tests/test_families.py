@@ -15,18 +15,34 @@ import torch
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
 import adatoken
-from adatoken.runtime import get_state
-from conftest import (IMAGE_TOKEN, TEXT_KW, VIDEO_TOKEN, VISION_END, VISION_FAMILIES, VISION_START, build_model,
-                      make_prompt, model_inputs, vision_inputs)
+from invariants import (
+    FAMILY_METHOD,
+    PRUNING,
+    check_counts,
+    check_keep_all,
+    greedy_without_cache,
+    kept_spatial,
+    top_by_log_attention,
+    top_by_mean_attention,
+)
+from tiny_models import FAMILIES as CORE_FAMILIES  # test_runtime.py's
+from tiny_models import (
+    IMAGE_TOKEN,
+    TEXT_KW,
+    VIDEO_TOKEN,
+    VISION_END,
+    VISION_FAMILIES,
+    VISION_START,
+    build_model,
+    make_prompt,
+    model_inputs,
+    vision_inputs,
+)
 
 FAMILIES = VISION_FAMILIES + ["qwen3"]
 FOUND_BY_ID = VISION_FAMILIES + ["llava"]  # the rest are text decoders, told where the spatial tokens are
-CORE = ["llama", "qwen2", "mistral", "llava"]  # test_runtime.py's; cache == recomputation there: llama, qwen2
 SPATIAL_IDS = torch.tensor([IMAGE_TOKEN, VIDEO_TOKEN])
 PLACEHOLDERS = [VISION_END, VISION_START, VIDEO_TOKEN, IMAGE_TOKEN]  # never generated: they would need pixels
-KEEP_ALL = [("none", {}), ("fastv", {"drop_ratio": 0.0}), ("adatoken3d", {"retention": 1.0})]
-PRUNING = [("fastv", {"layer": 2, "drop_ratio": 0.5}), ("pdrop", {"layers": (2, 3, 4), "ratio": 0.5}),
-           ("adatoken3d", {"retention": 0.5}), ("random", {"retention": 0.5, "seed": 3})]
 
 
 def inputs(model, family) -> dict:
@@ -61,18 +77,18 @@ def forward(model, family, kwargs):
 def test_keep_all_equals_unpruned(family, attn):
     model = build_model(family, attn)
     kwargs = inputs(model, family)
-    reference = forward(model, family, kwargs).logits
-    for method, params in KEEP_ALL:
-        adatoken.prune(model, method, **params)
-        torch.testing.assert_close(forward(model, family, kwargs).logits, reference, atol=1e-5, rtol=0)
-    adatoken.unprune(model)
-    assert torch.equal(forward(model, family, kwargs).logits, reference)
+    check_keep_all(model, lambda: forward(model, family, kwargs).logits)
+
+
+def test_every_family_counts_with_a_method_and_every_method_on_two_families():
+    assert set(FAMILY_METHOD) == set(CORE_FAMILIES + FAMILIES)
+    assert all(list(FAMILY_METHOD.values()).count(method) >= 2 for method in PRUNING)
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-@pytest.mark.parametrize("family,method,params", [pytest.param(f, m, p, id=f"{f}-{m}")
-                                                   for f, (m, p) in zip(CORE + FAMILIES, PRUNING * 3)])
-def test_kept_counts_follow_schedule(family, method, params, attn):
+@pytest.mark.parametrize("family,method", [pytest.param(f, m, id=f"{f}-{m}") for f, m in FAMILY_METHOD.items()])
+def test_kept_counts_follow_schedule(family, method, attn):
+    params = PRUNING[method]
     model = build_model(family, attn)
     kwargs = inputs(model, family)
     adatoken.prune(model, method, **params)
@@ -80,11 +96,7 @@ def test_kept_counts_follow_schedule(family, method, params, attn):
     length = kwargs["input_ids"].shape[1]
     assert out.logits.shape[:2] == (1, length)
     num_spatial = int(spatial_of(kwargs).sum())  # images and videos alike
-    expected = get_state(model).schedule.counts(num_spatial)
-    stats = adatoken.last_stats(model)
-    assert [layer[0] for layer in stats.spatial_in] == expected
-    assert expected[-1] < num_spatial
-    assert [layer[0] for layer in stats.tokens_in] == [length - num_spatial + n for n in expected]
+    check_counts(model, method, params, num_spatial, length)
 
 
 def _extend(model, family, kwargs, tokens):
@@ -101,14 +113,11 @@ def _extend(model, family, kwargs, tokens):
 
 def _greedy_without_cache(model, family, kwargs, steps):
     """Each step a full pruned forward of the whole prefix, ranked by the prompt's last token."""
-    tokens = []
-    for _ in range(steps):
+    def extend(tokens):
         extended = _extend(model, family, kwargs, tokens)
-        with torch.no_grad(), adatoken.spatial_tokens(model, spatial_of(extended),
-                                                      query_index=kwargs["input_ids"].shape[1] - 1):
-            logits = model(**call_kwargs(family, extended), use_cache=False).logits[0, -1]
-        tokens.append(int(logits.index_fill(0, torch.tensor(PLACEHOLDERS), float("-inf")).argmax()))
-    return tokens
+        return call_kwargs(family, extended), spatial_of(extended)
+
+    return greedy_without_cache(model, extend, kwargs["input_ids"].shape[1], steps, banned=PLACEHOLDERS)
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
@@ -158,26 +167,22 @@ def test_query_key_ranking_matches_brute_force(family):
     model = build_model(family, "eager")
     kwargs = inputs(model, family)
     layer = 2
-    logit_sum = _attention_rows(model, family, kwargs, layer).clamp_min(1e-30).log().sum(0)
     candidates = spatial_of(kwargs)[0].nonzero().squeeze(1)
     keep = len(candidates) // 4
-    expected = set(candidates[logit_sum[candidates].topk(keep).indices].tolist())
+    expected = top_by_log_attention(_attention_rows(model, family, kwargs, layer), candidates, keep)
     adatoken.prune(model, "pdrop", layers=(layer,), ratio=keep / len(candidates))
     forward(model, family, kwargs)
-    kept = get_state(model).prefill.key_index[layer][0].tolist()
-    assert set(kept) & set(candidates.tolist()) == expected
+    assert kept_spatial(model, layer) == expected
 
 
 def test_fastv_ranking_with_qk_norms_matches_brute_force():
     model = build_model("qwen3", "eager")
     kwargs = inputs(model, "qwen3")
-    received = _attention_rows(model, "qwen3", kwargs, 2).mean(0)
     candidates = spatial_of(kwargs)[0].nonzero().squeeze(1)
-    expected = set(candidates[received[candidates].topk(20).indices].tolist())
+    expected = top_by_mean_attention(_attention_rows(model, "qwen3", kwargs, 2), candidates, 20)
     adatoken.prune(model, "fastv", layer=2, drop_ratio=0.5)
     forward(model, "qwen3", kwargs)
-    kept = get_state(model).prefill.key_index[2][0].tolist()
-    assert set(kept) & set(candidates.tolist()) == expected
+    assert kept_spatial(model, 2) == expected
 
 
 def test_unsupported_family_says_why_and_lists_supported_ones():

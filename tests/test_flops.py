@@ -4,8 +4,15 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from adatoken.flops import (ModelShape, decode_flops, flops_ratio, generation_flops, kv_cache_bytes, layer_flops,
-                            prefill_flops)
+from adatoken.core.flops import (
+    ModelShape,
+    decode_flops,
+    flops_ratio,
+    generation_flops,
+    kv_cache_bytes,
+    layer_flops,
+    prefill_flops,
+)
 
 SEQ = 24
 

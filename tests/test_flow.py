@@ -8,13 +8,31 @@ import pytest
 import torch
 
 import adatoken
-from adatoken.flow import (ANSWER, PROMPT, SPATIAL, SYSTEM, FlowParams, FlowReport, FlowSample, analyze,
-                           information_contribution, reduce_chunk)
-from adatoken.schedule import fit_schedule
-from adatoken.sweep import SweepResult, default_layers, sweep
-from conftest import IMAGE_TOKEN, build_model, make_prompt, model_inputs
-
-NUM_SPATIAL, NUM_SYSTEM, NUM_PROMPT, NUM_ANSWER = 40, 5, 7, 6
+from adatoken.calibration.fit import fit_schedule
+from adatoken.calibration.flow import (
+    ANSWER,
+    PROMPT,
+    SPATIAL,
+    SYSTEM,
+    FlowParams,
+    FlowReport,
+    FlowSample,
+    analyze,
+    information_contribution,
+    reduce_chunk,
+)
+from adatoken.calibration.sweep import SweepResult, default_layers, sweep
+from adatoken.core.runtime import STATE_ATTR, is_pruned
+from tiny_models import (
+    NUM_ANSWER,
+    NUM_PROMPT,
+    NUM_SPATIAL,
+    NUM_SYSTEM,
+    build_model,
+    flow_sample,
+    make_prompt,
+    model_inputs,
+)
 
 
 def test_reduce_chunk_on_hand_built_attention():
@@ -44,16 +62,6 @@ def test_reduce_chunk_on_hand_built_attention():
     torch.testing.assert_close(lambda_sums[0], torch.tensor([0.1, 0.3, 0.3, 0.4, 0.7, 0.2]), atol=1e-6, rtol=0)
 
 
-def _sample(model, family, seed=0, answer=True):
-    """system | 40 spatial | prompt | 6 answer tokens; query_index = the last prompt token."""
-    ids, spatial = make_prompt(NUM_SPATIAL, system=NUM_SYSTEM, prompt=NUM_PROMPT, seed=seed)
-    if answer:
-        ids = torch.cat([ids, torch.randint(1, IMAGE_TOKEN - 1, (1, NUM_ANSWER))], 1)
-        spatial = ids == IMAGE_TOKEN
-    query = NUM_SYSTEM + NUM_SPATIAL + NUM_PROMPT - 1
-    return FlowSample(model_inputs(model, family, ids, seed=seed), spatial, query if answer else None)
-
-
 def _reference_from_eager(model, sample):
     """Group matrix [L, G, G] and λ [L, n_spatial] straight from output_attentions (one sample)."""
     groups = torch.tensor([SYSTEM] * NUM_SYSTEM + [SPATIAL] * NUM_SPATIAL + [PROMPT] * NUM_PROMPT
@@ -71,7 +79,7 @@ def _reference_from_eager(model, sample):
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
 def test_chunked_recomputation_equals_eager_attention(family):
     eager = build_model(family, "eager")
-    sample = _sample(eager, family)
+    sample = flow_sample(eager, family)
     mass, lam = _reference_from_eager(eager, sample)
     sdpa = build_model(family, "sdpa")  # same seed: same weights
     for model, chunk in [(eager, 7), (eager, 1000), (sdpa, 13)]:  # 7 and 13 do not divide the 58 tokens
@@ -96,7 +104,7 @@ def test_llava_spatial_tokens_found_from_the_image_token_id():
 
 def test_padded_batch_rows_equal_samples_alone():
     model = build_model("qwen2", "sdpa")
-    long, short = _sample(model, "qwen2", seed=1), _sample(model, "qwen2", seed=2)
+    long, short = flow_sample(model, "qwen2", seed=1), flow_sample(model, "qwen2", seed=2)
     pad = 3
     short.inputs["inputs_embeds"] = short.inputs["inputs_embeds"][:, pad:]  # 3 fewer system tokens
     short.spatial_mask = short.spatial_mask[:, pad:]
@@ -128,7 +136,8 @@ def test_equations_by_hand():
     s_cross = [0.3, 0.35, 0.15]
     np.testing.assert_allclose(terms["f3d"], f3d)
     np.testing.assert_allclose(terms["s_cross"], s_cross)
-    np.testing.assert_allclose(terms["inf"], [math.exp(c) + f + math.log(1 + s) for c, f, s in zip(s_cross, f3d, s_self)])
+    np.testing.assert_allclose(terms["inf"], [math.exp(c) + f + math.log(1 + s)
+                                              for c, f, s in zip(s_cross, f3d, s_self)])
 
     params = FlowParams(sigma=1.0, gamma=0.25, a1=2.0, a2=0.0, epsilon=0.5, alpha=(1.0, 2.0, 3.0))
     terms = information_contribution(s_self, prompt_to_spatial, spatial_to_system, params)
@@ -141,7 +150,7 @@ def test_equations_by_hand():
 
 def test_report_statistics_and_json_round_trip(tmp_path):
     model = build_model("llama", "sdpa")
-    samples = [_sample(model, "llama", seed=0), _sample(model, "llama", seed=1, answer=False)]
+    samples = [flow_sample(model, "llama", seed=0), flow_sample(model, "llama", seed=1, answer=False)]
     report = analyze(model, samples, keep_token_lambda=True, progress=False)
     # eq. 1 from λ; redundancy from its definition (λ under 5 % of the sample's mean spatial λ)
     np.testing.assert_allclose(report.s_self, np.mean([t.sum(1) for t in report.token_lambda], 0))
@@ -168,7 +177,7 @@ def test_report_statistics_and_json_round_trip(tmp_path):
 
 def test_fitted_schedule_drives_adatoken3d(tmp_path):
     model = build_model("llama", "sdpa")
-    sample = _sample(model, "llama")
+    sample = flow_sample(model, "llama")
     report = analyze(model, [sample], progress=False)
     schedule = fit_schedule(report.inf, report.num_layers, retention=0.5)
     schedule.save(tmp_path / "schedule.json")
@@ -185,7 +194,7 @@ def test_fitted_schedule_drives_adatoken3d(tmp_path):
 
 def test_invalid_samples_raise_clear_errors():
     model = build_model("llama", "sdpa")
-    sample = _sample(model, "llama")
+    sample = flow_sample(model, "llama")
     with pytest.raises(ValueError, match="chunk_size"):
         analyze(model, [sample], chunk_size=0, progress=False)
     with pytest.raises(ValueError, match="after every spatial token"):
@@ -200,13 +209,13 @@ def test_invalid_samples_raise_clear_errors():
 
 def test_sweep_records_metric_per_layer_and_ratio(tmp_path):
     model = build_model("llama", "sdpa")
-    samples = [_sample(model, "llama", answer=False)]
+    samples = [flow_sample(model, "llama", answer=False)]
     result = sweep(model, samples, layers=[1, 4], drop_ratios=[0.0, 0.5, 1.0], progress=False)
     assert result.baseline == pytest.approx(0.0, abs=1e-9)  # KL of the unpruned model to itself
     assert [len(row) for row in result.metric] == [3, 3]
     assert all(row[0] == pytest.approx(result.baseline, abs=1e-9) for row in result.metric)
     assert all(row[2] > 0 for row in result.metric)
-    assert not hasattr(model, "_adatoken_state")  # unpruned again
+    assert not hasattr(model, STATE_ATTR)  # unpruned again
     result.save(tmp_path / "sweep.json")
     assert SweepResult.load(tmp_path / "sweep.json") == result
 
@@ -217,7 +226,7 @@ def test_sweep_records_metric_per_layer_and_ratio(tmp_path):
         with torch.no_grad(), adatoken.spatial_tokens(m, samples[0].spatial_mask):
             m(**kwargs)
         calls.append(1)
-        return float(adatoken.last_stats(m).spatial_in[4][0]) if hasattr(m, "_adatoken_state") else float(NUM_SPATIAL)
+        return float(adatoken.last_stats(m).spatial_in[4][0]) if is_pruned(m) else float(NUM_SPATIAL)
 
     result = sweep(model, metric=metric, layers=[2], drop_ratios=[0.0, 0.25], ranking="pdrop", progress=False)
     assert result.metric == [[NUM_SPATIAL, NUM_SPATIAL * 0.75]] and result.baseline == NUM_SPATIAL

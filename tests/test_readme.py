@@ -5,7 +5,8 @@ from pathlib import Path
 import torch
 
 import adatoken
-from conftest import build_model, make_prompt, model_inputs
+from adatoken.core.runtime import STATE_ATTR
+from tiny_models import build_model, make_prompt, model_inputs
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -26,7 +27,7 @@ def test_use_it_on_your_model_snippet_runs():
                  "attention_mask": llm_inputs["attention_mask"]}
     with torch.no_grad():
         exec(compile(readme_snippet(), str(README), "exec"), namespace)
-    assert not hasattr(llava, "_adatoken_state")  # the snippet unpruned it
+    assert not hasattr(llava, STATE_ATTR)  # the snippet unpruned it
     kept = [layer[0] for layer in adatoken.last_stats(llm).spatial_in]
     assert kept[:2] == [40, 40] and kept[2:] == [20] * 4  # fastv, layer 2, half of the spatial tokens
     assert namespace["out"].shape[1] > 0  # generate with inputs_embeds returns only the new tokens

@@ -4,13 +4,18 @@ import pytest
 import torch
 
 import adatoken
-from adatoken.runtime import get_state
-from conftest import FAMILIES, IMAGE_TOKEN, build_model, make_prompt, model_inputs
-
-KEEP_ALL = [("none", {}), ("fastv", {"drop_ratio": 0.0}), ("pdrop", {"ratio": 1.0}),
-            ("adatoken3d", {"retention": 1.0}), ("random", {"retention": 1.0})]
-PRUNING = [("fastv", {"layer": 2, "drop_ratio": 0.5}), ("pdrop", {"layers": (2, 3, 4), "ratio": 0.5}),
-           ("adatoken3d", {"retention": 0.5}), ("random", {"retention": 0.5, "seed": 3})]
+from adatoken.core.runtime import STATE_ATTR, get_state
+from invariants import (
+    check_counts,
+    check_keep_all,
+    check_tables_cover_every_method,
+    greedy_without_cache,
+    kept_spatial,
+    pruning,
+    top_by_log_attention,
+    top_by_mean_attention,
+)
+from tiny_models import IMAGE_TOKEN, build_model, make_prompt, model_inputs
 
 
 def spatial_count(family):
@@ -27,57 +32,41 @@ def forward(model, family, ids, attention_mask=None, **extra):
 def test_keep_all_equals_unpruned(family, attn):
     model = build_model(family, attn)
     ids, _ = make_prompt(spatial_count(family))
-    reference = forward(model, family, ids).logits
-    for method, params in KEEP_ALL:
-        adatoken.prune(model, method, **params)
-        torch.testing.assert_close(forward(model, family, ids).logits, reference, atol=1e-5, rtol=0)
-    adatoken.unprune(model)
+    check_keep_all(model, lambda: forward(model, family, ids).logits)
 
 
-@pytest.mark.parametrize("method,params", PRUNING)
+def test_the_tables_cover_every_registered_method():
+    check_tables_cover_every_method()
+
+
+@pytest.mark.parametrize("method,params", pruning())
 def test_kept_counts_follow_schedule(method, params):
     model = build_model("llama")
     ids, _ = make_prompt(40)
     adatoken.prune(model, method, **params)
     out = forward(model, "llama", ids)
     assert out.logits.shape == (1, ids.shape[1], model.config.vocab_size)
-    expected = get_state(model).schedule.counts(40)
-    stats = adatoken.last_stats(model)
-    assert [layer[0] for layer in stats.spatial_in] == expected
-    assert expected[-1] < 40
-    text = ids.shape[1] - 40
-    assert [layer[0] for layer in stats.tokens_in] == [text + n for n in expected]
+    check_counts(model, method, params, num_spatial=40, length=ids.shape[1])
 
 
 def _greedy_without_cache(model, family, ids, steps):
     """Each step a full pruned forward of the whole prefix (recomputation, no cache)."""
     kwargs = model_inputs(model, family, ids)
-    tokens = []
-    for _ in range(steps):
-        spatial = _spatial_for(kwargs, ids, tokens)
-        with torch.no_grad(), adatoken.spatial_tokens(model, spatial, query_index=ids.shape[1] - 1):
-            logits = model(**_extend(model, family, kwargs, tokens), use_cache=False).logits
-        tokens.append(int(logits[0, -1].argmax()))
-    return tokens
 
+    def extend(tokens):
+        new = torch.tensor([tokens], dtype=torch.long).reshape(1, -1)
+        out = dict(kwargs, attention_mask=torch.ones(1, ids.shape[1] + len(tokens), dtype=torch.long))
+        if family == "llava":
+            out["input_ids"] = torch.cat([kwargs["input_ids"], new], 1)
+        else:
+            out["inputs_embeds"] = torch.cat([kwargs["inputs_embeds"], model.get_input_embeddings()(new)], 1)
+        return out, torch.cat([ids == IMAGE_TOKEN, torch.zeros(1, len(tokens), dtype=torch.bool)], 1)
 
-def _spatial_for(kwargs, ids, tokens):
-    return torch.cat([ids == IMAGE_TOKEN, torch.zeros(1, len(tokens), dtype=torch.bool)], 1)
-
-
-def _extend(model, family, kwargs, tokens):
-    new = torch.tensor([tokens], dtype=torch.long).reshape(1, -1)
-    out = dict(kwargs)
-    out["attention_mask"] = torch.ones(1, kwargs["attention_mask"].shape[1] + len(tokens), dtype=torch.long)
-    if family == "llava":
-        out["input_ids"] = torch.cat([kwargs["input_ids"], new], 1)
-    else:
-        out["inputs_embeds"] = torch.cat([kwargs["inputs_embeds"], model.get_input_embeddings()(new)], 1)
-    return out
+    return greedy_without_cache(model, extend, ids.shape[1], steps)
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-@pytest.mark.parametrize("method,params", PRUNING)
+@pytest.mark.parametrize("method,params", pruning())
 def test_generate_with_cache_equals_recomputation(method, params, attn):
     family = "qwen2" if method in ("pdrop", "random") else "llama"  # both GQA and MHA are covered
     model = build_model(family, attn)
@@ -124,7 +113,7 @@ def _left_pad(prompts):
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-@pytest.mark.parametrize("method,params", PRUNING)
+@pytest.mark.parametrize("method,params", pruning())
 def test_padded_batch_equals_samples_alone(method, params, attn):
     model = build_model("qwen2", attn)
     adatoken.prune(model, method, **params)
@@ -162,7 +151,8 @@ def test_padded_batch_generate_equals_samples_alone():
     for p in prompts:
         kwargs = model_inputs(model, "llama", p)
         with torch.no_grad(), adatoken.spatial_tokens(model, p == IMAGE_TOKEN):
-            alone.append(model.generate(**kwargs, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)[0].tolist())
+            alone.append(model.generate(**kwargs, max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                                        pad_token_id=0)[0].tolist())
     ids, mask = _left_pad(prompts)
     embeds = torch.zeros(2, ids.shape[1], model.config.hidden_size)
     for i, p in enumerate(prompts):
@@ -181,7 +171,7 @@ def test_pruned_forward_equals_manual_reference():
     adatoken.prune(model, "fastv", layer=3, drop_ratio=0.5)
     with torch.no_grad(), adatoken.spatial_tokens(model, spatial):
         pruned = model(inputs_embeds=embeds).logits[0, -1]
-    kept = get_state(model).prefill.key_index[3][0]
+    kept = torch.tensor(sorted(_text_positions(spatial) | kept_spatial(model, 3)))
     adatoken.unprune(model)
     with torch.no_grad():
         hidden = model(inputs_embeds=embeds, output_hidden_states=True).hidden_states[3][:, kept]
@@ -195,6 +185,10 @@ def test_pruned_forward_equals_manual_reference():
     torch.testing.assert_close(pruned, reference, atol=1e-5, rtol=0)
 
 
+def _text_positions(spatial) -> set[int]:
+    return set((~spatial[0]).nonzero().flatten().tolist())  # never dropped
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_ranking_matches_brute_force_from_attention_weights(family):
     """adatoken3d/pdrop keep the spatial tokens with the largest Σ_heads q_t·k_j, which equals
@@ -205,14 +199,12 @@ def test_ranking_matches_brute_force_from_attention_weights(family):
     layer = 2
     with torch.no_grad():
         weights = model(inputs_embeds=embeds, output_attentions=True).attentions[layer][0]  # [H, S, S]
-    logit_sum = weights[:, -1].clamp_min(1e-30).log().sum(0)
     candidates = spatial[0].nonzero().squeeze(1)
-    expected = set(candidates[logit_sum[candidates].topk(10).indices].tolist())
+    expected = top_by_log_attention(weights[:, -1], candidates, 10)
     adatoken.prune(model, "pdrop", layers=(layer,), ratio=0.25)
     with torch.no_grad(), adatoken.spatial_tokens(model, spatial):
         model(inputs_embeds=embeds)
-    kept = get_state(model).prefill.key_index[layer][0].tolist()
-    assert set(kept) & set(candidates.tolist()) == expected
+    assert kept_spatial(model, layer) == expected
 
 
 def test_fastv_ranking_matches_brute_force_from_attention_weights():
@@ -221,14 +213,12 @@ def test_fastv_ranking_matches_brute_force_from_attention_weights():
     embeds = model_inputs(model, "qwen2", ids)["inputs_embeds"]
     with torch.no_grad():
         weights = model(inputs_embeds=embeds, output_attentions=True).attentions[2][0]
-    received = weights[:, -1].mean(0)  # the last token's row, mean over heads (FastV's released code)
     candidates = spatial[0].nonzero().squeeze(1)
-    expected = set(candidates[received[candidates].topk(20).indices].tolist())
+    expected = top_by_mean_attention(weights[:, -1], candidates, 20)  # the last token's row
     adatoken.prune(model, "fastv", layer=2, drop_ratio=0.5)
     with torch.no_grad(), adatoken.spatial_tokens(model, spatial):
         model(inputs_embeds=embeds)
-    kept = get_state(model).prefill.key_index[2][0].tolist()
-    assert set(kept) & set(candidates.tolist()) == expected
+    assert kept_spatial(model, 2) == expected
 
 
 def test_unprune_is_bit_identical_and_prune_replaces():
@@ -239,11 +229,13 @@ def test_unprune_is_bit_identical_and_prune_replaces():
     adatoken.prune(model, "fastv")
     adatoken.prune(model, "adatoken3d", retention=0.5)  # replaces, never stacks
     assert get_state(model).config.method == "adatoken3d"
-    assert _hook_count(model) == hooks_before + 2 * model.config.num_hidden_layers + 2
+    # one prune's hooks: two on the model; per decoder layer a pre-hook and a hook, and one on its attention
+    # (attention maps at full size)
+    assert _hook_count(model) == hooks_before + 3 * model.config.num_hidden_layers + 2
     forward(model, "llama", ids)
     adatoken.unprune(model)
     assert _hook_count(model) == hooks_before
-    assert not hasattr(model, "_adatoken_state")
+    assert not hasattr(model, STATE_ATTR)
     assert torch.equal(forward(model, "llama", ids).logits, reference)
 
 
@@ -265,7 +257,7 @@ def test_hidden_states_and_loss_keep_unpruned_shapes_and_backward_works():
     grads = [p.grad for p in model.model.layers.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     # dropped tokens keep the hidden state they had when dropped
-    kept = set(get_state(model).prefill.key_index[2][0].tolist())
+    kept = _text_positions(spatial) | kept_spatial(model, 2)
     dropped = [i for i in range(ids.shape[1]) if i not in kept]
     torch.testing.assert_close(out.hidden_states[3][0, dropped], out.hidden_states[2][0, dropped])
 
@@ -276,6 +268,7 @@ def test_input_without_spatial_tokens_runs_unpruned():
     with torch.no_grad():
         reference = model(input_ids=ids).logits
         adatoken.prune(model, "adatoken3d", retention=0.5)
-        out = model(input_ids=ids).logits
+        with pytest.warns(UserWarning, match="found no spatial tokens in its input, so it ran unpruned"):
+            out = model(input_ids=ids).logits  # said, never silent (DESIGN: runtime rules)
     assert torch.equal(out, reference)
     assert all(layer == [0] for layer in adatoken.last_stats(model).spatial_in)

@@ -4,8 +4,8 @@ import math
 import numpy as np
 import pytest
 
-from adatoken.schedule import (ALPHA_BOUNDS, BETA_BOUNDS, FLOOR_BOUNDS, Schedule, curve_schedule, exponential_curve,
-                               fit_curve, fit_schedule, normalize_inf)
+from adatoken.calibration.fit import ALPHA_BOUNDS, BETA_BOUNDS, FLOOR_BOUNDS, fit_curve, fit_schedule, normalize_inf
+from adatoken.core.schedule import Schedule, curve_schedule, exponential_curve
 
 
 def realistic_inf(num_layers: int, seed: int) -> np.ndarray:

@@ -1,63 +1,25 @@
-"""LLaVA-3D's stack (transformers 4.37.2): a tiny random LLaMA whose config says `llava_llama`, fed
-`inputs_embeds` the way LLaVA-3D's `prepare_inputs_labels_for_multimodal` builds them. No downloads."""
+"""LLaVA-3D's stack (transformers 4.37.2): refuse any other, the attention fixture, and the shared invariants.
+
+Models and inputs are built by llava3d_models.py. The invariant tables and checks are tests/invariants.py,
+the same file tests/ runs on transformers 5: this conftest puts tests/ on sys.path so test modules import
+it by name (`invariants` is a plain module there; nothing else of tests/ is imported here).
+"""
 from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import transformers
-from transformers import LlamaConfig, LlamaForCausalLM
-
-torch.set_num_threads(2)
-
-VOCAB = 96
-PLACEHOLDER = -200  # LLaVA's IMAGE_TOKEN_INDEX: the one input id the spatial tokens replace
-
 
 if transformers.__version__ != "4.37.2":  # on another stack these tests would prove nothing: refuse to run
     raise RuntimeError(f"tests_legacy/ runs in .venv-legacy (transformers 4.37.2), not {transformers.__version__}")
 
+sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "tests"))  # after this folder: its names come first
+pytest.register_assert_rewrite("invariants", "llava3d_models")
 
-class LlavaLlamaConfig(LlamaConfig):
-    model_type = "llava_llama"  # what LLaVA-3D checkpoints declare
-
-
-class LlavaLlamaForCausalLM(LlamaForCausalLM):
-    """LLaVA-3D's LLM as adatoken sees it: a LlamaForCausalLM whose config says llava_llama; its vision
-    tower and 3D encoder run before the LLM and hand it `inputs_embeds`."""
-
-    config_class = LlavaLlamaConfig
-
-
-def build_model(attn: str = "eager", seed: int = 0) -> LlavaLlamaForCausalLM:
-    """Vicuna's shape in miniature: multi-head attention (no GQA), 4,096 positions."""
-    torch.manual_seed(seed)
-    config = LlavaLlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
-                              num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096,
-                              rms_norm_eps=1e-5, tie_word_embeddings=False, attn_implementation=attn)
-    model = LlavaLlamaForCausalLM(config).eval()
-    expected = {"eager": "LlamaAttention", "sdpa": "LlamaSdpaAttention"}[attn]  # 4.37 picks the class per layer
-    assert type(model.model.layers[0].self_attn).__name__ == expected
-    return model
-
-
-def make_prompt(system: int = 12, prompt: int = 10, seed: int = 0) -> torch.Tensor:
-    """input_ids [1, S] as LLaVA-3D tokenizes a question: system | <image> placeholder | prompt."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.cat([torch.randint(1, VOCAB, (system,), generator=g), torch.tensor([PLACEHOLDER]),
-                      torch.randint(1, VOCAB, (prompt,), generator=g)])[None]
-
-
-def llava3d_inputs(model, ids: torch.Tensor, num_spatial: int, seed: int = 0):
-    """(inputs_embeds [1, S-1+N, D], spatial mask [1, S-1+N]) for one sample, as LLaVA-3D builds them:
-    the placeholder replaced by N 3D patch features; the mask from its position and N."""
-    g = torch.Generator().manual_seed(seed + 1)
-    at = int((ids[0] == PLACEHOLDER).nonzero())
-    text = model.get_input_embeddings()(ids[0].clamp(min=0)).detach()
-    features = torch.randn(num_spatial, text.shape[-1], generator=g)
-    embeds = torch.cat([text[:at], features, text[at + 1:]])[None]
-    mask = torch.zeros(embeds.shape[:2], dtype=torch.bool)
-    mask[0, at:at + num_spatial] = True
-    return embeds, mask
+torch.set_num_threads(2)
 
 
 @pytest.fixture(params=["eager", "sdpa"])

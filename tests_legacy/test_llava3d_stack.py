@@ -10,16 +10,20 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 import adatoken
-from adatoken import adapters
-from adatoken.runtime import get_state
-from conftest import build_model, llava3d_inputs, make_prompt
+from adatoken.core import adapters
+from invariants import (
+    check_counts,
+    check_keep_all,
+    check_tables_cover_every_method,
+    expected_counts,
+    greedy_without_cache,
+    kept_spatial,
+    pruning,
+    top_by_log_attention,
+)
+from llava3d_models import build_model, llava3d_inputs, make_prompt
 
 NUM_SPATIAL = 300
-KEEP_ALL = [("none", {}), ("fastv", {"drop_ratio": 0.0}), ("pdrop", {"ratio": 1.0}), ("adatoken3d", {"retention": 1.0})]
-PRUNING = [pytest.param(m, p, id=m) for m, p in [("fastv", {"layer": 2, "drop_ratio": 0.5}),
-                                                  ("pdrop", {"layers": (2, 3, 4), "ratio": 0.5}),
-                                                  ("adatoken3d", {"retention": 0.4}),
-                                                  ("random", {"retention": 0.5, "seed": 3})]]
 
 
 def forward(model, embeds, spatial, query_index=None, **kwargs):
@@ -36,15 +40,14 @@ def test_llava3d_model_resolves_to_its_llama_layers():
 def test_keep_all_equals_unpruned(attn):
     model = build_model(attn)
     embeds, spatial = llava3d_inputs(model, make_prompt(), NUM_SPATIAL)
-    reference = forward(model, embeds, spatial).logits
-    for method, params in KEEP_ALL:
-        adatoken.prune(model, method, **params)
-        torch.testing.assert_close(forward(model, embeds, spatial).logits, reference, atol=1e-5, rtol=0)
-    adatoken.unprune(model)
-    assert torch.equal(forward(model, embeds, spatial).logits, reference)
+    check_keep_all(model, lambda: forward(model, embeds, spatial).logits)
 
 
-@pytest.mark.parametrize("method,params", PRUNING)
+def test_the_tables_cover_every_registered_method():
+    check_tables_cover_every_method()
+
+
+@pytest.mark.parametrize("method,params", pruning())
 def test_kept_counts_follow_schedule(method, params, attn):
     model = build_model(attn)
     embeds, spatial = llava3d_inputs(model, make_prompt(), NUM_SPATIAL)
@@ -53,11 +56,7 @@ def test_kept_counts_follow_schedule(method, params, attn):
     length = embeds.shape[1]
     assert out.logits.shape == (1, length, model.config.vocab_size)
     assert all(h.shape == embeds.shape for h in out.hidden_states)
-    expected = get_state(model).schedule.counts(NUM_SPATIAL)
-    stats = adatoken.last_stats(model)
-    assert [layer[0] for layer in stats.spatial_in] == expected
-    assert expected[-1] < NUM_SPATIAL
-    assert [layer[0] for layer in stats.tokens_in] == [length - NUM_SPATIAL + n for n in expected]
+    check_counts(model, method, params, NUM_SPATIAL, length)
 
 
 def test_ranking_matches_brute_force_from_attention_weights():
@@ -68,28 +67,24 @@ def test_ranking_matches_brute_force_from_attention_weights():
     layer = 2
     with torch.no_grad():
         weights = model(inputs_embeds=embeds, output_attentions=True).attentions[layer][0]  # [H, S, S]
-    logit_sum = weights[:, -1].clamp_min(1e-30).log().sum(0)
     candidates = spatial[0].nonzero().squeeze(1)
-    expected = set(candidates[logit_sum[candidates].topk(NUM_SPATIAL // 4).indices].tolist())
+    expected = top_by_log_attention(weights[:, -1], candidates, NUM_SPATIAL // 4)
     adatoken.prune(model, "pdrop", layers=(layer,), ratio=0.25)
     forward(model, embeds, spatial)
-    kept = get_state(model).prefill.key_index[layer][0].tolist()
-    assert set(kept) & set(candidates.tolist()) == expected
+    assert kept_spatial(model, layer) == expected
 
 
 def _greedy_without_cache(model, embeds, spatial, steps):
     """Each step a full pruned forward of the whole prefix, ranked by the prompt's last token."""
-    tokens = []
-    for _ in range(steps):
+    def extend(tokens):
         new = model.get_input_embeddings()(torch.tensor([tokens], dtype=torch.long)).detach()
-        extended = torch.cat([spatial, torch.zeros(1, len(tokens), dtype=torch.bool)], 1)
-        logits = forward(model, torch.cat([embeds, new], 1), extended, query_index=embeds.shape[1] - 1,
-                         use_cache=False).logits
-        tokens.append(int(logits[0, -1].argmax()))
-    return tokens
+        return ({"inputs_embeds": torch.cat([embeds, new], 1)},
+                torch.cat([spatial, torch.zeros(1, len(tokens), dtype=torch.bool)], 1))
+
+    return greedy_without_cache(model, extend, embeds.shape[1], steps)
 
 
-@pytest.mark.parametrize("method,params", PRUNING[:3])
+@pytest.mark.parametrize("method,params", pruning("fastv", "pdrop", "adatoken3d"))
 def test_generate_with_cache_equals_recomputation(method, params, attn):
     model = build_model(attn)
     adatoken.prune(model, method, **params)
@@ -131,7 +126,7 @@ def _left_padded(model, counts):
     return samples, embeds, spatial, mask
 
 
-@pytest.mark.parametrize("method,params", PRUNING[1:3])
+@pytest.mark.parametrize("method,params", pruning("pdrop", "adatoken3d"))
 def test_padded_batch_equals_samples_alone(method, params, attn):
     model = build_model(attn)
     adatoken.prune(model, method, **params)
@@ -173,5 +168,24 @@ def test_full_scene_of_2560_spatial_tokens():
         generated = model.generate(inputs_embeds=embeds, attention_mask=torch.ones(spatial.shape, dtype=torch.long),
                                    max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0)
     counts = [layer[0] for layer in adatoken.last_stats(model).spatial_in]
-    assert counts == get_state(model).schedule.counts(2560) and counts[-1] < 2560 // 2
+    assert counts == expected_counts("adatoken3d", {"retention": 0.4}, 6, 2560) and counts[-1] < 2560 // 2
     assert generated[0, -16:].tolist() == _greedy_without_cache(model, embeds, spatial, 16)
+
+
+def test_generate_prefill_runs_the_lm_head_on_the_last_position_only(attn):
+    """transformers 4.37's LlamaForCausalLM computes logits at every position it is handed; inside generate
+    the pruned prefill hands it the last one, which is all generate reads. A direct forward keeps them all."""
+    model = build_model(attn)
+    embeds, spatial = llava3d_inputs(model, make_prompt(), NUM_SPATIAL)
+    adatoken.prune(model, "fastv", layer=2, drop_ratio=0.5)
+    rows = []
+    hook = model.lm_head.register_forward_hook(lambda m, args, out: rows.append(out.shape[1]))
+    try:
+        with adatoken.spatial_tokens(model, spatial):
+            out = model.generate(inputs_embeds=embeds, max_new_tokens=2, do_sample=False, pad_token_id=0,
+                                 output_scores=True, return_dict_in_generate=True)
+        direct = forward(model, embeds, spatial).logits
+    finally:
+        hook.remove()
+    assert rows == [1, 1, embeds.shape[1]]
+    torch.testing.assert_close(out.scores[0], direct[:, -1], atol=1e-5, rtol=0)

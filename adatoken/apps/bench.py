@@ -25,10 +25,10 @@ import torch
 
 from adatoken.core import adapters, flops, models
 from adatoken.core.config import PruneConfig
-from adatoken.core.methods import METHODS as METHOD_REGISTRY
+from adatoken.core.methods import methods_in_report_order
 from adatoken.core.runtime import last_stats, prune, selection_timer, spatial_tokens, unprune
 
-METHODS = tuple(m for m in METHOD_REGISTRY if m != "none")  # every registered pruning method
+METHODS = tuple(m for m in methods_in_report_order() if m != "none")  # every registered pruning method
 
 
 @dataclass
@@ -40,12 +40,23 @@ class Setup:
 
 
 def build_model(shape: str | None, config_path: str | None, device: str, dtype: torch.dtype):
-    """Random weights of a named shape (adatoken.core.models) or of a local checkpoint's config."""
+    """Random weights of a named shape (adatoken.core.models) or of a local checkpoint's config; for a
+    multimodal config, its text decoder at the real shape (that is where pruning works)."""
     from transformers import AutoConfig, AutoModelForCausalLM
-    config = AutoConfig.from_pretrained(config_path, local_files_only=True) if config_path else models.config(shape)
+    if config_path:
+        try:
+            config = AutoConfig.from_pretrained(config_path, local_files_only=True)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"--config {config_path}: not a readable transformers config.json ({err})") from None
+    else:
+        config = models.config(shape)
+    config = adapters.decoder_config(config, f"--config {config_path}" if config_path else shape)
     config._attn_implementation = "sdpa"
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        try:
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        except ValueError as err:
+            raise ValueError(f"cannot build a causal LM from a {config.model_type!r} config: {err}") from None
     return model.eval()
 
 
@@ -58,7 +69,8 @@ def build_setup(model, batch: int, spatial: int, text: int, device: str) -> Setu
     dtype = model.get_input_embeddings().weight.dtype
     generator = torch.Generator(device=device).manual_seed(0)
     embeds = torch.randn(batch, length, model.config.hidden_size, device=device, dtype=dtype, generator=generator)
-    inputs = {"inputs_embeds": embeds * 0.02, "attention_mask": torch.ones(batch, length, dtype=torch.long, device=device)}
+    inputs = {"inputs_embeds": embeds * 0.02,
+              "attention_mask": torch.ones(batch, length, dtype=torch.long, device=device)}
     return Setup(model, inputs, mask, device)
 
 
@@ -260,10 +272,11 @@ def throughput(model, configs: dict[str, dict], budget_bytes: int, spatial: int,
 
 def markdown(result: dict) -> str:
     lines = [f"{result['shape']} · {result['device_name']} · {result['dtype']} · batch {result['batch']} · "
-             f"{result['spatial_tokens']} spatial + {result['text_tokens']} text tokens · {result['new_tokens']} new tokens · "
+             f"{result['spatial_tokens']} spatial + {result['text_tokens']} text tokens · "
+             f"{result['new_tokens']} new tokens · "
              f"median of {result['repeats']}", "",
-             "| config | retention | prefill ms | prefill speedup | FLOPs ratio | speedup / FLOPs | causal FLOPs ratio | "
-             "ranking | TTFT ms | e2e ms | e2e speedup | decode tok/s | KV cache MiB | peak GiB |",
+             "| config | retention | prefill ms | prefill speedup | FLOPs ratio | speedup / FLOPs | "
+             "causal FLOPs ratio | ranking | TTFT ms | e2e ms | e2e speedup | decode tok/s | KV cache MiB | peak GiB |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         if "skipped" in r:
@@ -274,7 +287,8 @@ def markdown(result: dict) -> str:
             f"| {r['config']} | {r['retention']:.3f} | {r['prefill_s'] * 1e3:.1f} | {r['prefill_speedup']:.2f} | "
             f"{r['flops_ratio']:.2f} | {r['prefill_speedup'] / r['flops_ratio']:.2f} | {r['causal_flops_ratio']:.2f} | "
             f"{r['ranking_share']:.1%} | "
-            f"{get('ttft_s', '.1f', 1e3)} | {get('e2e_s', '.1f', 1e3)} | {get('e2e_speedup', '.2f')} | {get('decode_tok_s', '.1f')} | "
+            f"{get('ttft_s', '.1f', 1e3)} | {get('e2e_s', '.1f', 1e3)} | {get('e2e_speedup', '.2f')} | "
+            f"{get('decode_tok_s', '.1f')} | "
             f"{get('kv_cache_bytes', '.1f', 2 ** -20)} | {get('peak_memory_bytes', '.2f', 2 ** -30)} |")
     return "\n".join(lines) + "\n"
 
@@ -285,7 +299,8 @@ def throughput_markdown(rows: list[dict], label: str, device: str, dtype: torch.
     lines = [f"throughput · {label} · {device} · {str(dtype).removeprefix('torch.')} · "
              f"budget {budget_bytes / 2 ** 30:.1f} GiB · {spatial} spatial + "
              f"{text} text · {new_tokens} new tokens",
-             "", "| config | largest batch | MiB per sequence | peak GiB | tokens/s | vs none |", "|---|---|---|---|---|---|"]
+             "", "| config | largest batch | MiB per sequence | peak GiB | tokens/s | vs none |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
         if "skipped" in r:
             lines.append(f"| {r['config']} | skipped: {r['skipped']} | | | | |")

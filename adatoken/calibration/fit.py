@@ -107,7 +107,8 @@ def fit_schedule(inf, num_layers: int, retention: float, smooth_lambda: float = 
     if len(target) != num_layers:
         raise ValueError(f"inf has {len(target)} values but num_layers is {num_layers}: give one INF value per layer")
     if not 1 <= first_layer < num_layers:
-        raise ValueError(f"first_layer must be in [1, {num_layers - 1}] for a {num_layers}-layer model, got {first_layer}")
+        raise ValueError(f"first_layer must be in [1, {num_layers - 1}] for a {num_layers}-layer model, "
+                         f"got {first_layer}")
     lowest = first_layer / num_layers
     if not lowest - 1e-12 <= retention <= 1.0:
         raise ValueError(
@@ -157,9 +158,11 @@ def fit_schedule(inf, num_layers: int, retention: float, smooth_lambda: float = 
 def _per_layer_curve(values, name: str) -> np.ndarray:
     array = np.asarray(values, dtype=np.float64)
     if array.ndim != 1 or len(array) < 2:
-        raise ValueError(f"{name} must be a 1-D sequence with one value per layer (at least 2), got shape {array.shape}")
+        raise ValueError(f"{name} must be a 1-D sequence with one value per layer (at least 2), "
+                         f"got shape {array.shape}")
     if not np.all(np.isfinite(array)):
-        raise ValueError(f"{name} must be finite; it has NaN or inf at layers {np.flatnonzero(~np.isfinite(array)).tolist()}")
+        raise ValueError(f"{name} must be finite; it has NaN or inf at layers "
+                         f"{np.flatnonzero(~np.isfinite(array)).tolist()}")
     return array
 
 

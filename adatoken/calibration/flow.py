@@ -49,8 +49,8 @@ from tqdm.auto import tqdm
 
 from adatoken.core import adapters
 from adatoken.core.artifacts import JsonArtifact
-from adatoken.core.runtime import is_pruned
 from adatoken.core.layout import GROUPS, TokenLayout, check_query_index, check_window, find_spatial
+from adatoken.core.runtime import is_pruned
 from adatoken.core.scoring import apply_rope
 
 SYSTEM, SPATIAL, PROMPT, ANSWER = range(len(GROUPS))
@@ -129,7 +129,8 @@ def information_contribution(s_self, prompt_to_spatial, spatial_to_system, param
     f3d = s_self.copy()  # F_3D(0) = S_self(0): see FlowParams on why the recursion does not start at 0
     for i in range(1, len(s_self)):
         f3d[i] = params.sigma * s_self[i] + params.gamma * f3d[i - 1]
-    s_cross = params.a1 * np.asarray(prompt_to_spatial, np.float64) + params.a2 * np.asarray(spatial_to_system, np.float64)
+    s_cross = (params.a1 * np.asarray(prompt_to_spatial, np.float64)
+               + params.a2 * np.asarray(spatial_to_system, np.float64))
     inf = np.exp(s_cross / params.epsilon) + params.alpha_per_layer(len(s_self)) * f3d + np.log1p(s_self)
     return {"f3d": f3d, "s_cross": s_cross, "inf": inf}
 
@@ -376,7 +377,8 @@ def analyze(model: nn.Module, samples: Iterable[FlowSample], params: FlowParams 
 def _sample_layout(adapter: adapters.Adapter, sample: FlowSample) -> TokenLayout:
     """The sample's TokenLayout (groups, padding, last instruction token), validated."""
     if not isinstance(sample, FlowSample):
-        raise ValueError(f"calibration samples must be adatoken.calibration.flow.FlowSample objects, got {type(sample).__name__}")
+        raise ValueError("calibration samples must be adatoken.calibration.flow.FlowSample objects, "
+                         f"got {type(sample).__name__}")
     inputs = sample.inputs
     reference = inputs.get("input_ids", inputs.get("inputs_embeds"))
     if reference is None:

@@ -12,12 +12,11 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
-from adatoken.core.artifacts import write_atomic
-
-from adatoken.calibration.flow import GROUPS, FlowReport
-from adatoken.core.schedule import Schedule, exponential_curve
 from adatoken.calibration.fit import normalize_inf
+from adatoken.calibration.flow import GROUPS, FlowReport
 from adatoken.calibration.sweep import SweepResult
+from adatoken.core.artifacts import write_atomic
+from adatoken.core.schedule import Schedule, exponential_curve
 
 GROUP_COLOURS = {"system": "#7f7f7f", "spatial": "#1f77b4", "prompt": "#ff7f0e", "answer": "#2ca02c"}
 DPI = 130

@@ -28,10 +28,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from adatoken.core.runtime import is_pruned, prune, spatial_tokens, unprune
+from adatoken.calibration.flow import FlowSample, call_kwargs
 from adatoken.core import adapters
 from adatoken.core.artifacts import JsonArtifact
-from adatoken.calibration.flow import FlowSample, call_kwargs
+from adatoken.core.runtime import is_pruned, prune, spatial_tokens, unprune
 
 RANKINGS = ("fastv", "pdrop")
 # name -> (axis label, higher is better)
@@ -80,7 +80,8 @@ def default_layers(num_layers: int) -> list[int]:
     return sorted({min(max(math.floor(f * num_layers + 0.5), 1), num_layers - 1) for f in DEPTH_FRACTIONS})
 
 
-def next_token_metric(model: nn.Module, samples: Sequence[FlowSample], name: str = "kl") -> Callable[[nn.Module], float]:
+def next_token_metric(model: nn.Module, samples: Sequence[FlowSample],
+                      name: str = "kl") -> Callable[[nn.Module], float]:
     """A metric for any LM: how far the last position's next-token distribution moves from the unpruned one.
 
     The unpruned distributions are computed now, so call this before pruning. name: "kl" (mean

@@ -19,7 +19,8 @@ COMMAND_MODULES = [
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adatoken", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"adatoken {importlib.import_module('adatoken').__version__}")
+    parser.add_argument("--version", action="version",
+                        version=f"adatoken {importlib.import_module('adatoken').__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)

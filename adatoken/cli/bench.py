@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from adatoken.apps import bench
+from adatoken.cli.common import check_device, check_positive, prepare_output
 from adatoken.core import models
 from adatoken.core.artifacts import write_json_atomic, write_text_atomic
 
@@ -23,7 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--shape", choices=sorted(models.SHAPES), default="cpu-llama-12l", help="a named model shape")
     source.add_argument("--config", help="a local directory or config.json of a real checkpoint (random weights)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on GPU, float32 on CPU")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                        help="default: bfloat16 on GPU, float32 on CPU")
     parser.add_argument("--batch", type=int, nargs="+", default=[1], help="batch sizes, one table each")
     parser.add_argument("--spatial", type=int, default=2560, help="spatial tokens (LLaVA-3D caps scenes at 2,560)")
     parser.add_argument("--text", type=int, default=60, help="text tokens around them")
@@ -42,6 +44,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    check_positive(args, "batch", "spatial", "repeats", "threads")
+    check_positive(args, "text", "new_tokens", minimum=0)
+    check_device(args.device)
+    prepare_output(args.out)
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))

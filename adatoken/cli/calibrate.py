@@ -26,11 +26,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from adatoken.calibration.fit import fit_schedule
 from adatoken.calibration.flow import FlowParams, FlowReport, analyze
 from adatoken.calibration.samples import synthetic_samples
-from adatoken.calibration.fit import fit_schedule
-from adatoken.core import models
 from adatoken.calibration.sweep import BUILTIN_METRICS, DROP_RATIOS, RANKINGS, sweep
+from adatoken.cli.common import check_device
+from adatoken.core import models
 
 SYNTHETIC_MODELS = ("tiny-llama", "tiny-qwen2")
 MODELS = ("testbed", *SYNTHETIC_MODELS)
@@ -114,7 +115,8 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--model-path", type=Path, help="a local Hugging Face checkpoint directory (no downloads)")
     parser.add_argument("--num-samples", type=int, default=8, help="calibration samples (default: %(default)s)")
     parser.add_argument("--spatial-tokens", type=int, default=256,
-                        help="spatial tokens per synthetic sample; the testbed's scenes fix their own (default: %(default)s)")
+                        help="spatial tokens per synthetic sample; the testbed's scenes fix their own "
+                             "(default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", choices=DTYPES, default="float32")
@@ -127,7 +129,7 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
 def load_source(args) -> Source:
     """The model and calibration samples the command line asks for."""
     dtype = getattr(torch, args.dtype)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(check_device(args.device)) if args.device else ("cuda" if torch.cuda.is_available() else "cpu")
     if args.model_path is None and args.model == "testbed":
         return _testbed_source(args.num_samples, device, dtype)
     if args.model_path is not None:

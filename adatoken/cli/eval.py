@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 import adatoken.testbed  # noqa: F401  (registers the testbed's model and question set)
-from adatoken.cli.common import reproducing_command
+from adatoken.cli.common import check_device, reproducing_command
 from adatoken.core import adapters
 from adatoken.eval.datasets import LOADERS, QARecord, load_dataset
 from adatoken.eval.report import summarize, write_report
@@ -31,7 +31,8 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser("eval", help="accuracy and FLOPs of every pruning method at every retention",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     what = parser.add_argument_group("model and questions")
-    what.add_argument("--model", choices=sorted(ANSWERERS), default="testbed", help="model to evaluate (default: testbed)")
+    what.add_argument("--model", choices=sorted(ANSWERERS), default="testbed",
+                      help="model to evaluate (default: testbed)")
     what.add_argument("--checkpoint", help="model checkpoint folder (default: the testbed's, shipped in the package)")
     what.add_argument("--dataset", choices=list(LOADERS), default="testbed",
                       help="question set format (default: testbed)")
@@ -97,7 +98,7 @@ def run(args) -> int:
 
 def _device(name: str) -> torch.device:
     if name != "auto":
-        return torch.device(name)
+        return check_device(name)
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")

@@ -21,8 +21,10 @@ def register(subparsers) -> None:
     train.add_argument("--export", default=None,
                        help="write the final model folder here instead of <out>/model, e.g. "
                             "adatoken/testbed/checkpoint to replace the shipped one")
-    train.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the data order (default: 0)")
-    train.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the shipped recipe's, see train.TrainConfig)")
+    train.add_argument("--seed", type=int, default=0,
+                       help="seed of the initial weights and the data order (default: 0)")
+    train.add_argument("--steps", type=int, default=None,
+                       help="optimizer steps (default: the shipped recipe's, see train.TrainConfig)")
     train.add_argument("--batch-size", type=int, default=None, help="dialogues (scenes) per step (default: recipe's)")
     train.add_argument("--per-type", type=int, default=None,
                        help="questions of each type per dialogue, relation and situated excepted (default: recipe's)")
@@ -54,7 +56,8 @@ def register(subparsers) -> None:
 
     probe = commands.add_parser("probe", help="linear probes: does the model fetch an object's colour and position "
                                               "at the question's object word, layer by layer")
-    probe.add_argument("--checkpoint", default=None, help="model folder (default: the checkpoint shipped in the package)")
+    probe.add_argument("--checkpoint", default=None,
+                       help="model folder (default: the checkpoint shipped in the package)")
     probe.add_argument("--num-scenes", type=int, default=600,
                        help="train scenes whose relation questions are probed (default: %(default)s)")
     probe.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")

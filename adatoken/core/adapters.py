@@ -156,14 +156,14 @@ def known_families() -> list[str]:
     return sorted(FAMILIES, key=lambda name: ("_" in name, name))
 
 
-def resolve(model: nn.Module) -> Adapter:
-    """Find the decoder layers of `model`, or raise ValueError naming the families we know."""
-    config = getattr(model, "config", None)
+def decoder_config(config, owner: str = "model"):
+    """The config of the text decoder a supported model runs (itself, or a multimodal wrapper's text config);
+    ValueError naming the families we know for anything else."""
     model_type = getattr(config, "model_type", None)
     if model_type not in FAMILIES:
         why = (f"does not support model family {model_type!r}: {UNSUPPORTED[model_type]}" if model_type in UNSUPPORTED
                else f"does not know model family {model_type!r}")
-        raise ValueError(f"adatoken {why} ({type(model).__name__}); "
+        raise ValueError(f"adatoken {why} ({owner}); "
                          f"known families: {', '.join(known_families())} (see docs/families.md)")
     family = FAMILIES[model_type]
     text_config = getattr(config, family.text_config) if family.text_config else config
@@ -173,6 +173,15 @@ def resolve(model: nn.Module) -> Adapter:
             f"{model_type!r} wraps a {text_type!r} language model, which the ranking does not support; "
             f"supported language models: {', '.join(TEXT_FAMILIES)}"
         )
+    return text_config
+
+
+def resolve(model: nn.Module) -> Adapter:
+    """Find the decoder layers of `model`, or raise ValueError naming the families we know."""
+    config = getattr(model, "config", None)
+    text_config = decoder_config(config, type(model).__name__)
+    model_type = config.model_type
+    family = FAMILIES[model_type]
     for path in family.decoder_paths:
         decoder = _get_path(model, path)
         if decoder is not None and isinstance(getattr(decoder, "layers", None), nn.ModuleList):
@@ -180,3 +189,12 @@ def resolve(model: nn.Module) -> Adapter:
                               if getattr(config, attr, None) is not None)
             return Adapter(model_type, decoder, decoder.layers, text_config, token_ids)
     raise ValueError(f"could not find the decoder layers of this {model_type!r} model (tried {family.decoder_paths})")
+
+
+def cache_keys(cache, layer_idx: int) -> torch.Tensor | None:
+    """The key tensor a KV cache holds for one layer: `layers[i].keys` in transformers 5, `key_cache[i]` in 4.37."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        return getattr(layers[layer_idx], "keys", None) if layer_idx < len(layers) else None
+    key_cache = getattr(cache, "key_cache", None)
+    return key_cache[layer_idx] if key_cache is not None and layer_idx < len(key_cache) else None

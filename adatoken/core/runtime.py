@@ -22,7 +22,10 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
+import weakref
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import nn
@@ -43,10 +46,26 @@ class PruneStats:
     spatial_in: list[list[int]]
     tokens_in: list[list[int]]
     text_config: object = None  # the decoder's config, for FLOPs
+    spatial: torch.Tensor | None = None   # [B, S] the prefill's spatial tokens
+    record: Prefill | None = None         # which original positions each layer held
 
     @property
     def num_samples(self) -> int:
         return len(self.spatial_in[0]) if self.spatial_in else 0
+
+    @property
+    def kept_positions(self) -> list[list[list[int]]]:
+        """Per layer, per sample: the original positions of the spatial tokens that entered the layer."""
+        spatial = self.spatial.cpu()
+        out = []
+        for index, ok in zip(self.record.key_index, self.record.key_ok):
+            if index is None:
+                out.append([row.nonzero().flatten().tolist() for row in spatial])
+                continue
+            index = index.cpu()
+            held = spatial.gather(1, index) & (True if ok is None else ok.cpu())
+            out.append([sorted(row[keep].tolist()) for row, keep in zip(index, held)])
+        return out
 
     def prefill_flops(self, sample: int = 0, lm_head_positions: int = 1) -> float:
         """Analytic prefill FLOPs of one sample at the token counts that actually entered each layer."""
@@ -82,12 +101,38 @@ def _synchronize(device: torch.device) -> None:
 
 @dataclass
 class Prefill:
-    """What the last prefill decided, kept for the decoding steps that continue it."""
+    """What a prefill decided, kept with its KV cache for the steps that continue it."""
 
     length: int
     key_index: list[torch.Tensor | None]  # per layer: [B, L_l] original positions cached, None = all
     key_ok: list[torch.Tensor | None]     # per layer: [B, L_l] False at filler slots, None = no filler
     extra: int = 0                        # tokens appended after the prefill so far
+    cache: weakref.ref | None = None      # the KV cache that holds it (None: a forward without a cache)
+
+
+class _RecordsByIdentity:
+    """Prefill records keyed by the identity of an object (a cache, a key tensor: tensors compare by value, so
+    no dict can key them), each dropped when its object is freed."""
+
+    def __init__(self):
+        self._records: dict[int, tuple[weakref.ref, Prefill]] = {}
+
+    def put(self, key, record: Prefill) -> None:
+        if id(key) not in self._records:
+            weakref.finalize(key, self._records.pop, id(key), None)
+        self._records[id(key)] = (weakref.ref(key), record)
+
+    def get(self, key) -> Prefill | None:
+        entry = self._records.get(id(key))
+        return entry[1] if entry is not None and entry[0]() is key else None
+
+
+@dataclass
+class Generation:
+    """The `generate` call under way: its prompt's batch size and length."""
+
+    batch: int
+    prompt_length: int
 
 
 @dataclass
@@ -116,81 +161,185 @@ class PruneState:
         self.adapter = adapters.resolve(model)
         self.method = config.build()
         self.schedule: Schedule = self.method.schedule(self.adapter.num_layers)
+        self.model = model
         self.handles: list = []
-        self.explicit_spatial: torch.Tensor | None = None
-        self.explicit_query: torch.Tensor | int | None = None
-        self.call_inputs: dict = {}
-        self.prefill: Prefill | None = None
-        self.current: Pass | None = None
         self.stats: PruneStats | None = None
         self.selection_timer: SelectionTimer | None = None  # set by `selection_timer(model)` only
+        self.warned: set[str] = set()  # warnings given once per model
+        self._reset_calls()
+
+    def _reset_calls(self) -> None:
+        """Per-call state: nothing of it outlives a call, or travels with a copy of the model."""
+        self.explicit_spatial: torch.Tensor | None = None
+        self.explicit_query: torch.Tensor | int | None = None
+        self.generation: Generation | None = None    # the `generate` call under way, if any
+        self.call_inputs: dict = {}
+        self.record: Prefill | None = None           # what the cache of the forward under way holds
+        self.current: Pass | None = None             # the prefill under way
+        # What each prefill decided, found again through its KV cache: by the cache object (transformers
+        # 5 keeps one through a conversation), or by its first layer's key tensor (4.37's generate hands
+        # back legacy tuples, a new cache object each step). Weak: a dropped conversation frees its record.
+        self.records = _RecordsByIdentity()
+
+    def __getstate__(self) -> dict:
+        # a copy (copy.deepcopy, pickle) of a pruned model is pruned on its own: fresh per-call state
+        state = {k: v for k, v in self.__dict__.items() if k != "records"}
+        state.update(explicit_spatial=None, explicit_query=None, generation=None, call_inputs={}, record=None,
+                     current=None, stats=None, selection_timer=None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.records = _RecordsByIdentity()
 
     # ----- hooks -------------------------------------------------------------------------------
     def attach(self, model: nn.Module) -> None:
+        # Every hook is a bound method (or a partial of one): copy.deepcopy and pickle copy it with the
+        # state it is bound to, so a copy of a pruned model runs its own hooks on its own state.
         self.handles.append(model.register_forward_pre_hook(self._on_model_call, with_kwargs=True))
-        # forget the call's inputs when it ends, so a later direct call of the decoder never sees stale ones
-        self.handles.append(model.register_forward_hook(lambda *_: self.call_inputs.clear(), always_call=True))
+        self.handles.append(model.register_forward_hook(self._on_model_return, always_call=True))
         last = self.adapter.num_layers - 1
         for idx, layer in enumerate(self.adapter.layers):
-            self.handles.append(layer.register_forward_pre_hook(self._pre_hook(idx), with_kwargs=True))
+            self.handles.append(layer.register_forward_pre_hook(partial(self._layer_pre_hook, idx), with_kwargs=True))
             # prepend: run before transformers' output-capturing hooks, so they see full-length states
-            self.handles.append(layer.register_forward_hook(self._post_hook(idx, idx == last), prepend=True))
+            self.handles.append(layer.register_forward_hook(partial(self._layer_post_hook, idx, idx == last),
+                                                            prepend=True))
+            self.handles.append(layer.self_attn.register_forward_hook(partial(self._attention_maps, idx),
+                                                                      prepend=True))
         for rotary in self.adapter.attention_rotaries:
             self.handles.append(rotary.register_forward_pre_hook(self._widen_rotary, with_kwargs=True))
+        model.generate = self.generate  # an instance attribute: unprune deletes it, the class's stays
 
     def detach(self) -> None:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
+        if self.model.__dict__.get("generate") == self.generate:
+            del self.model.generate
+
+    def generate(self, *args, **kwargs):
+        """The model's own `generate`, told which prompt it answers: every step of this call ranks by the
+        prompt's last token (with or without a KV cache), and an explicit spatial mask of the prompt
+        follows the batch as generate expands it (beams, num_return_sequences)."""
+        inputs = kwargs.get("input_ids", args[0] if args and torch.is_tensor(args[0]) else None)
+        if inputs is None:
+            inputs = kwargs.get("inputs_embeds")
+        if kwargs.get("cache_implementation") == "static" or _is_static(kwargs.get("past_key_values")):
+            raise ValueError("adatoken does not support a static KV cache yet (each layer keeps a different number "
+                             "of tokens): use generate's default dynamic cache, or adatoken.unprune(model) first")
+        previous = self.generation
+        self.generation = None if inputs is None else Generation(inputs.shape[0], inputs.shape[1])
+        try:
+            return type(self.model).generate(self.model, *args, **kwargs)
+        finally:
+            self.generation = previous
 
     def _on_model_call(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args and torch.is_tensor(args[0]) else None)
         self.call_inputs = {
             "input_ids": input_ids,
+            "inputs_embeds": kwargs.get("inputs_embeds") is not None,
+            "labels": kwargs.get("labels") is not None,
             "attention_mask": kwargs.get("attention_mask"),
-            "hidden_states_out": bool(kwargs.get("output_hidden_states", getattr(module.config, "output_hidden_states", False))),
+            "hidden_states_out": bool(kwargs.get("output_hidden_states",
+                                                 getattr(module.config, "output_hidden_states", False))),
         }
 
-    def _pre_hook(self, idx: int):
-        def hook(module, args, kwargs):
-            hidden = args[0] if args else kwargs["hidden_states"]
-            if idx == 0:
-                past = kwargs.get("past_key_values", kwargs.get("past_key_value"))  # transformers 5 / 4.37
-                if past is not None and past.get_seq_length() > 0:
-                    self._begin_continuation(hidden)
-                else:
-                    self._begin_prefill(hidden)
-            if self.current is None:
-                return self._continue_layer(idx, hidden, args, kwargs)
-            return self._prefill_layer(idx, hidden, args, kwargs)
-        return hook
+    def _on_model_return(self, module, args, output):
+        # forget the call's inputs when it ends, so a later direct call of the decoder never sees stale ones
+        self.call_inputs, self.record, self.current = {}, None, None
 
-    def _post_hook(self, idx: int, is_last: bool):
-        def hook(module, args, output):
-            run = self.current
-            if run is None or run.index is None:
-                if is_last:
-                    self.current = None
+    def _layer_pre_hook(self, idx: int, module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if idx == 0:
+            cache = kwargs.get("past_key_values", kwargs.get("past_key_value"))  # transformers 5 / 4.37
+            if cache is not None and cache.get_seq_length() > 0:
+                self._begin_continuation(hidden, cache)
+            else:
+                self._begin_prefill(hidden, cache)
+        if self.current is None:
+            return self._continue_layer(idx, hidden, args, kwargs)
+        return self._prefill_layer(idx, hidden, args, kwargs)
+
+    def _layer_post_hook(self, idx: int, is_last: bool, module, args, output):
+        if is_last:
+            self._remember(self.record)
+        run = self.current
+        if run is None:
+            return None
+        hidden = output[0] if isinstance(output, tuple) else output
+        if is_last:
+            self.current = None
+            if self._last_position_only():  # the final norm and LM head then run on one row per sample
+                last = hidden[:, -1:] if run.index is None else _gather_tokens(hidden, _slot_of(run, -1))
+                return (last, *output[1:]) if isinstance(output, tuple) else last
+        if run.index is None or not (is_last or self.call_inputs.get("hidden_states_out")):
+            return None
+        full = self._write_back(run, hidden)[:, : run.layout.spatial.shape[1]]
+        run.restored = True
+        return (full, *output[1:]) if isinstance(output, tuple) else full
+
+    def _last_position_only(self) -> bool:
+        """A prefill inside `generate` that nobody reads but for the next token: generate takes the logits of
+        the last position, so the decoder hands on that position alone. Anything that reads more (labels
+        and a loss, hidden-state outputs, a direct forward) gets the full length."""
+        calls = self.call_inputs
+        return self.generation is not None and not calls.get("hidden_states_out") and not calls.get("labels")
+
+    def _attention_maps(self, idx: int, module, args, output):
+        """Attention weights (output_attentions=True) at full size: zeros where the layer held no token."""
+        record = self.record
+        weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+        if weights is None or record is None:
+            return None
+        run = self.current
+        if run is not None:  # prefill: queries and keys are the layer's slots
+            index, ok = run.index, run.slot_ok
+            if index is None:
                 return None
-            if not (is_last or self.call_inputs.get("hidden_states_out")):
+            full = _scatter_maps(weights, index, ok, index, ok, record.length)
+        else:  # decoding: the new tokens against the cached slots, then the new tokens
+            index, ok = record.key_index[idx], record.key_ok[idx]
+            if index is None:
                 return None
-            hidden = output[0] if isinstance(output, tuple) else output
-            full = self._write_back(run, hidden)[:, : run.layout.spatial.shape[1]]
-            run.restored = True
-            if is_last:
-                self.current = None
-            return (full, *output[1:]) if isinstance(output, tuple) else full
-        return hook
+            total, new = record.length + record.extra, weights.shape[-2]
+            batch = weights.shape[0]
+            added = torch.arange(record.length, total, device=index.device).expand(batch, -1)
+            keys = torch.cat((index, added), 1)
+            keys_ok = None if ok is None else torch.cat((ok, torch.ones_like(added, dtype=torch.bool)), 1)
+            queries = added[:, added.shape[1] - new:]
+            full = _scatter_maps(weights, queries - (total - new), None, keys, keys_ok, total, rows=new)
+        return (output[0], full, *output[2:])
 
     def _widen_rotary(self, module, args, kwargs):
         # transformers 4.37 attention takes cos/sin[:keys it holds] and indexes them with position ids; a
         # layer holding pruned keys has positions beyond that count, so slice up to the full sequence.
-        if self.prefill is None:
+        if self.record is None:
             return None
-        return args, {**kwargs, "seq_len": max(kwargs["seq_len"], self.prefill.length + self.prefill.extra)}
+        return args, {**kwargs, "seq_len": max(kwargs["seq_len"], self.record.length + self.record.extra)}
+
+    # ----- which prefill a cache continues ----------------------------------------------------------
+    def _remember(self, record: Prefill | None) -> None:
+        """After a forward: file its record under its cache, to be found when the cache is continued."""
+        if record is None or record.cache is None:
+            return
+        cache = record.cache()
+        if cache is None:
+            return
+        self.records.put(cache, record)
+        keys = adapters.cache_keys(cache, 0)
+        if keys is not None:
+            self.records.put(keys, record)
+
+    def _record_of(self, cache) -> Prefill | None:
+        record = self.records.get(cache)
+        if record is None:
+            keys = adapters.cache_keys(cache, 0)
+            record = None if keys is None else self.records.get(keys)
+        return record
 
     # ----- prefill ----------------------------------------------------------------------------
-    def _begin_prefill(self, hidden: torch.Tensor) -> None:
+    def _begin_prefill(self, hidden: torch.Tensor, cache) -> None:
         batch, length = hidden.shape[:2]
         check_window(length, self.adapter.sliding_window,
                      "pruning does not support sliding-window attention beyond the window")
@@ -208,19 +357,57 @@ class PruneState:
         ordinal = (layout.spatial.cumsum(1) - 1).clamp(min=0)
         self.current = Pass(layout, counts, layout.real.sum(1).tolist(), ordinal, alive=layout.spatial,
                             slots=[length] * batch)
-        self.prefill = Prefill(length, [None] * self.adapter.num_layers, [None] * self.adapter.num_layers)
-        self.stats = PruneStats([[0] * batch for _ in counts], [[0] * batch for _ in counts], self.adapter.text_config)
+        self.record = Prefill(length, [None] * self.adapter.num_layers, [None] * self.adapter.num_layers,
+                              cache=None if cache is None else weakref.ref(cache))
+        self.stats = PruneStats([[0] * batch for _ in counts], [[0] * batch for _ in counts], self.adapter.text_config,
+                                layout.spatial, self.record)
 
     def _spatial_mask(self, batch: int, length: int, device) -> torch.Tensor:
-        spatial = find_spatial((batch, length), device, self.explicit_spatial, self.call_inputs.get("input_ids"),
-                               self.adapter.spatial_token_ids)
-        if spatial is None:  # no spatial tokens: runs unpruned
+        spatial = find_spatial((batch, length), device, self._explicit_mask(batch, length),
+                               self.call_inputs.get("input_ids"), self.adapter.spatial_token_ids)
+        if spatial is None:  # nothing says where spatial tokens are: runs unpruned, and says so once
+            self._warn_no_spatial()
             return torch.zeros(batch, length, dtype=torch.bool, device=device)
         return spatial
 
+    def _explicit_mask(self, batch: int, length: int) -> torch.Tensor | None:
+        """The mask given with `spatial_tokens`, fitted to this forward inside `generate`: repeated as generate
+        repeats the prompt (beams, num_return_sequences), and False over tokens generated after the prompt."""
+        mask, call = self.explicit_spatial, self.generation
+        if mask is None or call is None or not torch.is_tensor(mask) or mask.dim() != 2:
+            return mask
+        if mask.shape[0] == call.batch and batch % call.batch == 0 and batch > call.batch:
+            mask = mask.repeat_interleave(batch // call.batch, dim=0)
+        if mask.shape[1] == call.prompt_length < length:  # use_cache=False: the prompt and what followed it
+            mask = torch.cat((mask, mask.new_zeros(mask.shape[0], length - mask.shape[1])), 1)
+        return mask
+
     def _query_positions(self, batch: int, length: int, device) -> torch.Tensor | None:
-        """Position of the last instruction token per sample: given, or (None) the prefill's last position."""
-        return None if self.explicit_query is None else check_query_index(self.explicit_query, batch, length, device)
+        """Position of the last instruction token per sample: given; inside `generate`, the prompt's last
+        token (without a cache every step is a new prefill of the prompt and what followed); else None,
+        the prefill's last position."""
+        if self.explicit_query is not None:
+            return check_query_index(self.explicit_query, batch, length, device)
+        call = self.generation
+        if call is not None and call.prompt_length < length:
+            return torch.full((batch,), call.prompt_length - 1, dtype=torch.long, device=device)
+        return None
+
+    def _warn_no_spatial(self) -> None:
+        if self.call_inputs.get("input_ids") is not None and self.adapter.spatial_token_ids:
+            return  # a multimodal model's text-only input: nothing to prune, nothing wrong
+        self._warn_once("no_spatial", (
+            f"adatoken: this pruned {self.adapter.model_type!r} model found no spatial tokens in its input, so "
+            "it ran unpruned. Likely causes: a text decoder (or LLaVA-3D's LLM) called without marking them "
+            "(wrap the call in `with adatoken.spatial_tokens(model, mask):`); a multimodal model called with "
+            "inputs_embeds (pass input_ids, or mark them the same way); or the inner decoder (e.g. "
+            "model.model.language_model) pruned instead of the model whose config has image_token_id "
+            "(prune the full model)."))
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self.warned:
+            self.warned.add(key)
+            warnings.warn(message, stacklevel=4)
 
     def _prefill_layer(self, idx: int, hidden, args, kwargs):
         run = self.current
@@ -232,8 +419,8 @@ class PruneState:
         if any(t < a for t, a in zip(target, alive_counts)):
             with self.selection_timer.measure(hidden.device) if self.selection_timer else contextlib.nullcontext():
                 hidden = self._prune(idx, run, hidden, self._sliced(run, kwargs), target, alive_counts)
-        self.prefill.key_index[idx] = run.index
-        self.prefill.key_ok[idx] = run.slot_ok
+        self.record.key_index[idx] = run.index
+        self.record.key_ok[idx] = run.slot_ok
         self.stats.spatial_in[idx] = list(target)
         self.stats.tokens_in[idx] = [r - (n - t) for r, n, t in zip(run.real_tokens, run.counts[0], target)]
         if run.index is None:
@@ -249,7 +436,7 @@ class PruneState:
         if kwargs.get("position_embeddings") is not None:
             cos, sin = (t.expand(batch, -1, -1) for t in kwargs["position_embeddings"])
         else:  # the layer computes RoPE itself (transformers 4.37): from the positions it was given
-            cos, sin = self.adapter.rotary(idx, hidden, kwargs["position_ids"].expand(batch, -1), self.prefill.length)
+            cos, sin = self.adapter.rotary(idx, hidden, kwargs["position_ids"].expand(batch, -1), self.record.length)
         positions = index
         real = run.layout.real.gather(1, index) & slot_ok
         ctx = RankContext(
@@ -332,13 +519,29 @@ class PruneState:
         return {**kwargs, **run.sliced}
 
     # ----- decoding ---------------------------------------------------------------------------
-    def _begin_continuation(self, hidden: torch.Tensor) -> None:
+    def _begin_continuation(self, hidden: torch.Tensor, cache) -> None:
         self.current = None
-        if self.prefill is not None:
-            self.prefill.extra += hidden.shape[1]
+        self.record = self._record_of(cache)
+        if self.record is not None:
+            self.record.extra += hidden.shape[1]
+            self.record.cache = weakref.ref(cache)
+        batch, length = hidden.shape[:2]
+        explicit = self.explicit_spatial  # a mask of the whole conversation marks the new tokens in its last columns
+        past = cache.get_seq_length()
+        if torch.is_tensor(explicit) and explicit.dim() == 2 and explicit.shape == (batch, past + length):
+            explicit = explicit[:, past:]
+        elif explicit is not None:
+            explicit = None  # the prompt's mask, still set while generate decodes
+        new_spatial = find_spatial((batch, length), hidden.device, explicit, self.call_inputs.get("input_ids"),
+                                   self.adapter.spatial_token_ids)
+        if new_spatial is not None and bool(new_spatial.any()):
+            self._warn_once("later_image", (
+                "adatoken: spatial tokens arrived in a later turn of a conversation (after its first prefill); "
+                "they are kept, not pruned: only a prefill prunes. To prune them, start a new conversation "
+                "(a prefill without past_key_values) that holds them."))
 
     def _continue_layer(self, idx: int, hidden, args, kwargs):
-        record = self.prefill
+        record = self.record
         if record is None or record.key_index[idx] is None:
             return None
         mask = kwargs.get("attention_mask")
@@ -350,6 +553,28 @@ class PruneState:
 
 
 # ----- tensor helpers ------------------------------------------------------------------------------
+def _slot_of(run: Pass, position: int) -> torch.Tensor:
+    """[B, 1] the slot holding an original position (negative: from the end) in every sample of a prefill."""
+    position %= run.layout.spatial.shape[1]
+    return (run.index == position).to(torch.int8).argmax(1, keepdim=True)
+
+
+def _is_static(cache) -> bool:
+    return cache is not None and type(cache).__name__ == "StaticCache"
+
+
+def _scatter_maps(weights: torch.Tensor, queries: torch.Tensor, queries_ok, keys: torch.Tensor, keys_ok,
+                  length: int, rows: int | None = None) -> torch.Tensor:
+    """weights [B, H, Q, K] of slots -> [B, H, rows or length, length] at original positions, zero elsewhere."""
+    batch, heads = weights.shape[:2]
+    full = weights.new_zeros(batch, heads, (rows or length) + 1, length + 1)  # last row and column: scratch
+    q = queries if queries_ok is None else queries.masked_fill(~queries_ok, rows or length)
+    k = keys if keys_ok is None else keys.masked_fill(~keys_ok, length)
+    index = (q[:, :, None] * (length + 1) + k[:, None, :]).reshape(batch, 1, -1).expand(-1, heads, -1)
+    full.view(batch, heads, -1).scatter_(2, index, weights.reshape(batch, heads, -1))
+    return full[:, :, :-1, :-1]
+
+
 def _gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
 
@@ -357,7 +582,8 @@ def _gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 def _mask_value(allowed: torch.Tensor, impl: str, dtype: torch.dtype) -> torch.Tensor:
     """A boolean 'may attend' tensor in the form the attention implementation expects."""
     if impl == "eager":
-        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+        return torch.zeros(allowed.shape, dtype=dtype,
+                           device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
     return allowed
 
 
@@ -467,7 +693,8 @@ def spatial_tokens(model: nn.Module, mask: torch.Tensor, query_index: torch.Tens
     On a model that is not pruned it only checks the mask.
     """
     if not torch.is_tensor(mask) or mask.dim() != 2:
-        raise ValueError(f"the spatial mask must be a [batch, seq] tensor, got {getattr(mask, 'shape', type(mask).__name__)}")
+        raise ValueError("the spatial mask must be a [batch, seq] tensor, "
+                         f"got {getattr(mask, 'shape', type(mask).__name__)}")
     state = getattr(model, STATE_ATTR, None)
     if state is None:
         yield

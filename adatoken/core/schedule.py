@@ -16,6 +16,7 @@ import numpy as np
 
 from adatoken.core.artifacts import JsonArtifact
 
+
 def kept_count(keep_fraction: float, num_spatial: int) -> int:
     """Spatial tokens kept out of `num_spatial` at a layer with this keep fraction (round half up).
 
@@ -26,19 +27,27 @@ def kept_count(keep_fraction: float, num_spatial: int) -> int:
 
 @dataclass
 class Schedule(JsonArtifact):
-    FORMAT = "adatoken.core.schedule/v1"
+    FORMAT = "adatoken.schedule/v1"
     KIND = "schedule"
 
     keep: list[float]
     meta: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        if not isinstance(self.keep, (list, tuple)):
+            raise ValueError("schedule 'keep' must be a list of fractions, one per layer, "
+                             f"got {type(self.keep).__name__}")
+        wrong = [(i, k) for i, k in enumerate(self.keep) if isinstance(k, bool) or not isinstance(k, (int, float))]
+        if wrong:
+            raise ValueError("schedule 'keep' values must be numbers in [0, 1]; "
+                             f"keep[{wrong[0][0]}] is {wrong[0][1]!r}")
         keep = [float(k) for k in self.keep]
         if not keep:
             raise ValueError("a schedule needs at least one layer")
         bad = [i for i, k in enumerate(keep) if not (0.0 <= k <= 1.0) or math.isnan(k)]
         if bad:
-            raise ValueError(f"schedule keep fractions must lie in [0, 1]; layers {bad} do not: {[keep[i] for i in bad]}")
+            raise ValueError("schedule keep fractions must lie in [0, 1]; "
+                             f"layers {bad} do not: {[keep[i] for i in bad]}")
         if keep[0] != 1.0:
             raise ValueError(
                 f"schedule layer 0 must keep every spatial token (keep[0] == 1.0, got {keep[0]}): "
@@ -95,7 +104,8 @@ def curve_schedule(num_layers: int, retention: float, alpha: float = 1.0, beta: 
     if not 0.0 < retention <= 1.0:
         raise ValueError(f"retention must be in (0, 1], got {retention}")
     if not 1 <= first_layer < num_layers:
-        raise ValueError(f"first_layer must be in [1, {num_layers - 1}] for a {num_layers}-layer model, got {first_layer}")
+        raise ValueError(f"first_layer must be in [1, {num_layers - 1}] for a {num_layers}-layer model, "
+                         f"got {first_layer}")
     if beta <= 0:
         raise ValueError(f"beta must be > 0, got {beta}")
     lowest = first_layer / num_layers

@@ -311,8 +311,19 @@ def register_loader(name: str, loader: Callable[..., list[QARecord]]) -> None:
     LOADERS[name] = loader
 
 
+def load_plugins() -> None:
+    """Import the modules installed packages list under the "adatoken.eval" entry points (the testbed's
+    among them): each registers its question sets and answerers when imported."""
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group="adatoken.eval"):
+        entry.load()
+
+
 def load_dataset(name: str, path: str | Path, **options) -> list[QARecord]:
     """Load an evaluation set by format name, e.g. load_dataset("sqa3d", "sqa_task/balanced", split="test")."""
+    if name not in LOADERS:
+        load_plugins()
     if name not in LOADERS:
         raise ValueError(f"unknown dataset format {name!r}; valid: {', '.join(LOADERS)}")
     return LOADERS[name](path, **options)

@@ -5,6 +5,10 @@ cleaning and matching from LEO (embodied-generalist). BLEU-1..4, ROUGE-L and CID
 pycocoevalcap's own scorers; METEOR from pycocoevalcap's meteor-1.5.jar, which needs Java. Where a
 metric cannot be computed it is None and `unavailable` says why: never a silent 0.
 
+pycocoevalcap is an optional dependency (`pip install "adatoken[eval]"`), imported only when the
+n-gram metrics are computed: EM and refined EM (`ngram=False`) need nothing beyond the standard
+library, and asking for the n-gram metrics without it raises an ImportError that says what to install.
+
 All scores are fractions in [0, 1] (CIDEr in [0, 10]); papers print them multiplied by 100.
 docs/metrics.md describes every rule here and where the two reference evaluators differ.
 """
@@ -13,12 +17,7 @@ from __future__ import annotations
 import re
 import shutil
 from collections.abc import Mapping, Sequence
-
-from pycocoevalcap.bleu.bleu import Bleu
-from pycocoevalcap.cider.cider import Cider
-from pycocoevalcap.meteor.meteor import Meteor
-from pycocoevalcap.rouge.rouge import Rouge
-from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+from types import SimpleNamespace
 
 STYLES = ("llava3d", "leo")
 TOKENIZERS = ("ptb", "none")
@@ -116,6 +115,12 @@ def answer_match(prediction: str, references: Sequence[str], style: str = "llava
     return False, False
 
 
+def exact_match(prediction: str, references: Sequence[str]) -> bool:
+    """Exact match, the one definition every accuracy in adatoken uses: the cleaned prediction equals one
+    of the cleaned references (`clean_answer`; "Two." and "2" match), as LLaVA-3D's evaluator scores EM."""
+    return answer_match(clean_answer(prediction), [clean_answer(r) for r in references])[0]
+
+
 def sqa3d_question_type(question: str) -> str:
     """SQA3D question type by how the question starts, as LEO types it (one of SQA3D_TYPES).
 
@@ -130,6 +135,29 @@ def sqa3d_question_type(question: str) -> str:
 
 
 # --- n-gram metrics ----------------------------------------------------------------------------
+NGRAM_INSTALL_HINT = 'pip install "adatoken[eval]"'
+
+
+def require_pycocoevalcap() -> SimpleNamespace:
+    """pycocoevalcap's scorers and PTB tokenizer, imported on first use (an optional dependency).
+
+    Raises ImportError naming the `eval` extra when it is missing; a front end that will ask for the
+    n-gram metrics can call this before a long run, to fail at once rather than at scoring time.
+    """
+    try:
+        from pycocoevalcap.bleu.bleu import Bleu
+        from pycocoevalcap.cider.cider import Cider
+        from pycocoevalcap.meteor.meteor import Meteor
+        from pycocoevalcap.rouge.rouge import Rouge
+        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+    except ImportError as exc:
+        raise ImportError(
+            f"BLEU/ROUGE-L/METEOR/CIDEr need pycocoevalcap, which could not be imported ({exc}); "
+            f"install it with: {NGRAM_INSTALL_HINT} (or pass ngram=False for EM and refined EM only)"
+        ) from exc
+    return SimpleNamespace(Bleu=Bleu, Cider=Cider, Meteor=Meteor, Rouge=Rouge, PTBTokenizer=PTBTokenizer)
+
+
 def java_missing_reason() -> str | None:
     """Why Java-based tools cannot run here, or None when a `java` executable is on PATH."""
     if shutil.which("java") is None:
@@ -137,11 +165,11 @@ def java_missing_reason() -> str | None:
     return None
 
 
-def _ptb_tokenize(res: dict[int, list[str]], gts: dict[int, list[str]]) -> tuple[dict, dict]:
+def _ptb_tokenize(res: dict[int, list[str]], gts: dict[int, list[str]], ptb_tokenizer) -> tuple[dict, dict]:
     """pycocoevalcap's PTBTokenizer over predictions and references in one JVM run (it works line by
     line, so this equals LLaVA-3D's two separate runs)."""
     texts = {(side, k): v for side, d in (("res", res), ("gts", gts)) for k, v in d.items()}
-    tokenized = PTBTokenizer().tokenize({k: [{"caption": t} for t in v] for k, v in texts.items()})
+    tokenized = ptb_tokenizer().tokenize({k: [{"caption": t} for t in v] for k, v in texts.items()})
     if tokenized.keys() != texts.keys():  # its output is matched to inputs line by line
         raise RuntimeError("PTBTokenizer returned a different number of lines than it was given")
     return ({k: tokenized[("res", k)] for k in res}, {k: tokenized[("gts", k)] for k in gts})
@@ -157,9 +185,11 @@ def ngram_scores(predictions: Sequence[str], references: Sequence[Sequence[str]]
 
     Returns (corpus scores, per-sample scores, unavailable): every name in NGRAM_METRICS is a key
     of the first two (None where not computed) and `unavailable` maps each missing one to why.
+    Raises ImportError when pycocoevalcap is not installed (the `eval` extra).
     """
     if tokenizer not in TOKENIZERS:
         raise ValueError(f"unknown tokenizer {tokenizer!r}; valid: {', '.join(TOKENIZERS)}")
+    coco = require_pycocoevalcap()
     corpus = dict.fromkeys(NGRAM_METRICS)
     per_sample = dict.fromkeys(NGRAM_METRICS)
     unavailable: dict[str, str] = {}
@@ -169,7 +199,7 @@ def ngram_scores(predictions: Sequence[str], references: Sequence[Sequence[str]]
         reason = java_missing_reason()
         if reason is None:
             try:
-                res, gts = _ptb_tokenize(res, gts)
+                res, gts = _ptb_tokenize(res, gts, coco.PTBTokenizer)
             except (OSError, RuntimeError) as exc:  # e.g. it cannot write its temp file next to the jar
                 reason = f"it failed: {exc!r}"
         if reason is not None:
@@ -179,11 +209,11 @@ def ngram_scores(predictions: Sequence[str], references: Sequence[Sequence[str]]
         res = {i: [_LINE_BREAKS.sub(" ", p) for p in v] for i, v in res.items()}
         gts = {i: [_LINE_BREAKS.sub(" ", r) for r in v] for i, v in gts.items()}
 
-    bleu, bleu_each = Bleu(4).compute_score(gts, res, verbose=0)
+    bleu, bleu_each = coco.Bleu(4).compute_score(gts, res, verbose=0)
     for n in range(4):
         corpus[f"bleu_{n + 1}"] = float(bleu[n])
         per_sample[f"bleu_{n + 1}"] = [float(s) for s in bleu_each[n]]
-    for name, scorer in (("rouge_l", Rouge()), ("cider", Cider())):
+    for name, scorer in (("rouge_l", coco.Rouge()), ("cider", coco.Cider())):
         value, each = scorer.compute_score(gts, res)
         corpus[name], per_sample[name] = float(value), [float(s) for s in each]
 
@@ -193,7 +223,7 @@ def ngram_scores(predictions: Sequence[str], references: Sequence[Sequence[str]]
         unavailable["meteor"] = reason
     else:
         try:
-            value, each = Meteor().compute_score(gts, res)
+            value, each = coco.Meteor().compute_score(gts, res)
         except (OSError, ValueError) as exc:  # the JVM failed to start or died mid-way
             unavailable["meteor"] = f"meteor-1.5.jar failed: {exc!r}"
         else:
@@ -213,7 +243,8 @@ def score(predictions: Sequence[str], references: Sequence[Sequence[str]],
     qtypes: a type per sample (None for untyped) for the per-type breakdown.
     style: "llava3d" or "leo" (answer matching and the default tokenizer; see `answer_match`).
     tokenizer: "ptb" or "none" before the n-gram scorers; None means the style's default.
-    ngram: False skips BLEU/ROUGE-L/METEOR/CIDEr (EM only, as LLaVA-3D scores SQA3D).
+    ngram: False skips BLEU/ROUGE-L/METEOR/CIDEr (EM only, as LLaVA-3D scores SQA3D). True needs
+        pycocoevalcap (`pip install "adatoken[eval]"`) and raises ImportError without it.
     meteor: False skips only METEOR (its JVM takes seconds to start).
     """
     _check_style(style)

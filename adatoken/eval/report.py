@@ -18,9 +18,9 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from adatoken.core.artifacts import write_atomic, write_json_atomic, write_text_atomic
 from adatoken.eval.metrics import SQA3D_TYPES, breakdown, score
 from adatoken.eval.runner import SweepConfig
-from adatoken.core.artifacts import write_atomic, write_json_atomic, write_text_atomic
 
 REPORT_FORMAT = "adatoken.eval.report/v1"
 Z_95 = 1.959963984540054  # two-sided 95 % normal quantile

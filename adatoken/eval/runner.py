@@ -36,12 +36,12 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from adatoken.core.runtime import last_stats, prune, unprune
-from adatoken.core.config import PruneConfig
 from adatoken.core.artifacts import read_json, write_json_atomic
-from adatoken.eval.datasets import QARecord
-from adatoken.core.methods import METHODS, method_names
+from adatoken.core.config import PruneConfig
+from adatoken.core.methods import method_names, methods_in_report_order
+from adatoken.core.runtime import last_stats, prune, unprune
 from adatoken.core.schedule import Schedule
+from adatoken.eval.datasets import QARecord
 
 RUN_FORMAT = "adatoken.eval/v1"
 # Files of a finished run; `--fresh` removes them with the predictions so nothing stale survives a crash.
@@ -74,8 +74,8 @@ def register_answerer(name: str, loader: Callable[[str | None, torch.device], tu
 
 
 def default_methods() -> list[str]:
-    """Every registered method for a sweep: `none` first, the baselines and controls, adatoken3d last."""
-    return ["none", *(m for m in METHODS if m not in ("none", "adatoken3d")), "adatoken3d"]
+    """Every registered method, as a sweep runs and reports them: `none`, baselines, controls, adatoken3d."""
+    return methods_in_report_order()
 
 
 # --- what to run -----------------------------------------------------------------------------------

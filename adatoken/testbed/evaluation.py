@@ -2,19 +2,14 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Sequence
 
 from tqdm import tqdm
 
+from adatoken.eval.metrics import exact_match
 from adatoken.testbed.data import QASample
 from adatoken.testbed.questions import QUESTION_TYPES
-
-
-def normalize_answer(text: str) -> str:
-    """Lowercase, punctuation dropped, single spaces: "Two." and "two" match."""
-    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
 
 
 def evaluate(model, samples: Sequence[QASample], batch_size: int = 32, max_new_tokens: int = 8,
@@ -28,7 +23,7 @@ def evaluate(model, samples: Sequence[QASample], batch_size: int = 32, max_new_t
     for start in tqdm(range(0, len(samples), batch_size), desc="testbed eval", unit="batch", disable=not progress):
         predictions += model.answer(samples[start:start + batch_size], max_new_tokens=max_new_tokens,
                                     batch_size=batch_size)
-    correct = [normalize_answer(p) in {normalize_answer(a) for a in s.answers} for p, s in zip(predictions, samples)]
+    correct = [exact_match(p, s.answers) for p, s in zip(predictions, samples)]
     if answers_path is not None:
         with open(answers_path, "w") as f:
             for s, p, c in zip(samples, predictions, correct):

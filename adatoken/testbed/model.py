@@ -24,7 +24,13 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from adatoken.testbed.scenes import CLASS_NAMES, COLOURS
-from adatoken.testbed.spatial import SURFACE_CLASSES, SpatialConfig, SpatialTokens, spatial_codes, spatial_tokens_for_seed
+from adatoken.testbed.spatial import (
+    SURFACE_CLASSES,
+    SpatialConfig,
+    SpatialTokens,
+    spatial_codes,
+    spatial_tokens_for_seed,
+)
 from adatoken.testbed.tokenizer import build_tokenizer, dialogue_ids, load_tokenizer, system_ids
 
 SHIPPED_CHECKPOINT = Path(__file__).parent / "checkpoint"
@@ -256,7 +262,8 @@ class TestbedModel(nn.Module):
         meta = {"model": asdict(self.model_config), "spatial": self.spatial_config.to_dict(), **(extra or {})}
         (tmp / "testbed.json").write_text(json.dumps(meta, indent=2) + "\n")
         path.mkdir(parents=True, exist_ok=True)
-        for file in sorted(tmp.iterdir(), key=lambda f: f.name == "testbed.json"):  # testbed.json last: it marks "complete"
+        for file in sorted(tmp.iterdir(),
+                           key=lambda f: f.name == "testbed.json"):  # testbed.json last: it marks "complete"
             os.replace(file, path / file.name)
         tmp.rmdir()
 

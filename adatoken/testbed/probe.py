@@ -52,7 +52,8 @@ def probe_object_word(model, num_scenes: int = 600, progress: bool = True) -> li
     questions of the first `num_scenes` train scenes (train, not test: the probes need many questions)."""
     samples = [s for s in load_split("train", num_scenes=num_scenes, cfg=model.spatial_config) if s.qtype == "relation"]
     if len(samples) < 40:
-        raise ValueError(f"{len(samples)} relation questions in {num_scenes} scenes; probes need >= 40: raise num_scenes")
+        raise ValueError(f"{len(samples)} relation questions in {num_scenes} scenes; "
+                         "probes need >= 40: raise num_scenes")
     states, colours, positions = [], [], []
     for start in tqdm(range(0, len(samples), 32), desc="probe", disable=not progress):
         batch = samples[start:start + 32]

@@ -105,7 +105,8 @@ def candidate_questions(scene: Scene, rng: np.random.Generator) -> dict[str, lis
     uniques = unique_classes(scene)
     for cls in uniques:
         obj = scene.find(cls)
-        out["attribute"].append(Question("attribute", template("attribute").format(x=cls), obj.colour, (obj.object_id,)))
+        out["attribute"].append(Question("attribute", template("attribute").format(x=cls), obj.colour,
+                                         (obj.object_id,)))
         best = closest_object(scene, obj)
         if best is not None:
             out["relation"].append(Question("relation", template("relation").format(x=cls), best.cls,

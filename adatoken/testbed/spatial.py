@@ -56,7 +56,8 @@ class SpatialTokens:
         return SpatialTokens(self.points[index], self.features[index], self.object_ids[index], self.centre[index])
 
 
-def voxel_pool(points: np.ndarray, features: np.ndarray, voxel_size: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def voxel_pool(points: np.ndarray, features: np.ndarray,
+               voxel_size: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Mean-pool patches that fall in the same voxel. Returns (points, features, inverse), voxels ordered
     by their integer (x, y, z) index, lexicographically; `inverse[i]` is the voxel of patch i."""
     keys = np.floor(points / voxel_size).astype(np.int64)

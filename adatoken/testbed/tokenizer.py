@@ -26,7 +26,8 @@ def words(text: str) -> list[str]:
 
 
 def vocabulary() -> list[str]:
-    texts = [SYSTEM_PROMPT, USER, ASSISTANT, DESCRIBE, ",", SITUATION, SIDE_ASK, *SITUATED_ASKS.values(), *ANSWER_WORDS, *COLOURS]
+    texts = [SYSTEM_PROMPT, USER, ASSISTANT, DESCRIBE, ",", SITUATION, SIDE_ASK, *SITUATED_ASKS.values(), *ANSWER_WORDS,
+             *COLOURS]
     texts += [t for group in TEMPLATES.values() for t in group]
     texts += [name for cls, spec in CLASSES.items() for name in (cls, spec.plural)]
     found = {w for t in texts for w in words(t.replace("{", " ").replace("}", " "))}
@@ -55,7 +56,8 @@ def system_ids(tokenizer: PreTrainedTokenizerFast) -> list[int]:
     return [tokenizer.bos_token_id] + encode(tokenizer, SYSTEM_PROMPT)
 
 
-def dialogue_ids(tokenizer: PreTrainedTokenizerFast, turns: list[tuple[str, str | None]]) -> tuple[list[int], list[bool]]:
+def dialogue_ids(tokenizer: PreTrainedTokenizerFast,
+                 turns: list[tuple[str, str | None]]) -> tuple[list[int], list[bool]]:
     """Everything after the spatial tokens: `USER: q ASSISTANT: a </s>` per turn. A last turn whose answer
     is None ends at `ASSISTANT:`, ready to generate. Also returns which ids are answer tokens (the loss)."""
     ids: list[int] = []

@@ -20,12 +20,12 @@ import torch
 from tqdm import tqdm
 
 from adatoken.core.artifacts import write_atomic
-
+from adatoken.eval.metrics import exact_match
 from adatoken.testbed.data import load_split, scene_questions, split_seeds, visible_objects
 from adatoken.testbed.grounding import GROUNDING_HEADS, GroundingHeads, grounding_targets
+from adatoken.testbed.model import ModelConfig, TestbedModel
 from adatoken.testbed.questions import DESCRIBE, QUESTION_TYPES, describe
 from adatoken.testbed.scenes import scene_for_seed
-from adatoken.testbed.model import ModelConfig, TestbedModel
 from adatoken.testbed.spatial import SpatialConfig, SpatialTokens, spatial_tokens_for_seed
 from adatoken.testbed.tokenizer import dialogue_ids, system_ids
 
@@ -151,7 +151,7 @@ def calib_accuracy(model: TestbedModel, num_scenes: int = 20) -> dict[str, float
     """Exact-match accuracy of greedy answers on the first calib scenes: overall and per question type."""
     samples = load_split("calib", num_scenes=num_scenes, cfg=model.spatial_config)
     model.eval()
-    correct = [a in s.answers for a, s in zip(model.answer(samples), samples)]
+    correct = [exact_match(a, s.answers) for a, s in zip(model.answer(samples), samples)]
     model.train()
     by_type = {t: float(np.mean([c for c, s in zip(correct, samples) if s.qtype == t])) for t in QUESTION_TYPES}
     return {"overall": float(np.mean(correct)), **by_type}
@@ -205,7 +205,8 @@ def _train(cfg: TrainConfig, progress: bool) -> TestbedModel:
                   "steps_per_s": (done - start) / (time.time() - started)}
         if cfg.eval_every and done % cfg.eval_every == 0:
             record["calib_accuracy"] = calib_accuracy(model)
-            bar.write(f"step {done}: calib accuracy " + " ".join(f"{k} {v:.2f}" for k, v in record["calib_accuracy"].items()))
+            bar.write(f"step {done}: calib accuracy "
+                      + " ".join(f"{k} {v:.2f}" for k, v in record["calib_accuracy"].items()))
         with open(log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:

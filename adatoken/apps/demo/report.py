@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from adatoken.eval.report import Accuracy, ReportRow, plot_accuracy_vs_flops, summarize, to_markdown
+from adatoken.calibration.fit import normalize_inf
 from adatoken.calibration.flow import FlowReport
 from adatoken.core.artifacts import write_json_atomic, write_text_atomic
 from adatoken.core.schedule import Schedule
-from adatoken.calibration.fit import normalize_inf
+from adatoken.eval.report import Accuracy, ReportRow, plot_accuracy_vs_flops, summarize, to_markdown
 
 REPORT_FORMAT = "adatoken.demo/v1"
 FIGURES = {

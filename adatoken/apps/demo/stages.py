@@ -181,11 +181,12 @@ class Demo:
 
     # ----- 1. information flow on calibration questions --------------------------------------------------
     def flow(self):
-        from adatoken.testbed.calibration import flow_samples
         from adatoken.calibration.flow import FlowParams, FlowReport, analyze
+        from adatoken.testbed.calibration import flow_samples
 
         path = self.out / "flow.json"
-        key = {"checkpoint": self.digest, "calib_questions": self.options.calib_questions, "params": asdict(FlowParams())}
+        key = {"checkpoint": self.digest, "calib_questions": self.options.calib_questions,
+               "params": asdict(FlowParams())}
         with self.cache.stage("flow", key, path) as reused:
             if not reused:
                 samples = flow_samples(self.model, self.options.calib_questions)
@@ -195,8 +196,8 @@ class Demo:
     # ----- 2. one fitted schedule per retention ------------------------------------------------------------
     def fit(self, flow) -> tuple[dict, dict[float, str]]:
         """Schedules keyed as the eval runner keys them, and the reason for each retention that could not be fitted."""
-        from adatoken.eval.runner import load_schedules
         from adatoken.calibration.fit import fit_schedule
+        from adatoken.eval.runner import load_schedules
 
         folder = self.out / "schedules"
         paths = {r: folder / f"schedule-{r:g}.json" for r in self.options.retentions}
@@ -231,8 +232,8 @@ class Demo:
     def test_subset(self) -> list:
         """The fixed, seeded subset of the test split (QARecords), kept so a re-run need not redraw every scene."""
         from adatoken.eval.datasets import QARecord
-        from adatoken.testbed.answerer import load_testbed
         from adatoken.eval.runner import select_subset
+        from adatoken.testbed.answerer import load_testbed
 
         path = self.out / "eval" / "questions.json"
         key = {"checkpoint": self.digest, "questions": self.options.questions, "seed": self.options.seed}
@@ -246,14 +247,15 @@ class Demo:
 
     def evaluate(self, schedules: dict, fit_errors: dict[float, str]):
         """(sweep configs, the test subset, each runnable config's prediction rows)."""
-        from adatoken.testbed.answerer import TestbedAnswerer
         from adatoken.eval.runner import collect, evaluate, read_predictions
+        from adatoken.testbed.answerer import TestbedAnswerer
 
         subset = self.test_subset()
         configs = self.sweep(self.num_layers, schedules, fit_errors)
         folder = self.out / "eval"
         settings = {"model": "testbed", "checkpoint": str(self.checkpoint), "checkpoint_sha256": self.digest,
-                    "dataset": "testbed", "split": "test", "questions": self.options.questions, "seed": self.options.seed}
+                    "dataset": "testbed", "split": "test", "questions": self.options.questions,
+                    "seed": self.options.seed}
         key = {"settings": {**settings, "batch_size": self.options.batch_size, "max_new_tokens": MAX_NEW_TOKENS},
                "configs": {c.key: c.prune.to_dict() for c in configs if c.skipped is None}}
         key = json.loads(json.dumps(key))

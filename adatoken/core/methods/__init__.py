@@ -51,8 +51,14 @@ class RankContext:
         return self.input_norm(self.hidden)
 
 
+# What a method is for, in the order tables and figures list them: the unpruned reference, baselines from
+# other papers, controls (what any real ranking must beat), and AdaToken-3D.
+ROLES = ("reference", "baseline", "control", "adatoken")
+
+
 class Method:
     name: ClassVar[str]
+    role: ClassVar[str]  # one of ROLES
     Config: ClassVar[type]
 
     def __init__(self, config):
@@ -68,6 +74,11 @@ class Method:
 
 def method_names() -> list[str]:
     return sorted(METHODS)
+
+
+def methods_in_report_order() -> list[str]:
+    """Every registered method: `none`, then baselines, controls and adatoken3d, alphabetically within a role."""
+    return sorted(METHODS, key=lambda name: (ROLES.index(METHODS[name].role), name))
 
 
 def make_config(method: str, params: dict):
@@ -96,8 +107,9 @@ def check_fraction(name: str, value: float | None, low_open: bool = True) -> Non
 
 def check_layer(name: str, layer: int, num_layers: int) -> None:
     if not 1 <= layer < num_layers:
-        raise ValueError(f"{name} must be a layer index in [1, {num_layers - 1}] for a {num_layers}-layer model, got {layer}")
+        raise ValueError(f"{name} must be a layer index in [1, {num_layers - 1}] for a {num_layers}-layer model, "
+                         f"got {layer}")
 
 
 # Importing the method files fills METHODS.
-from adatoken.core.methods import none, fastv, pdrop, adatoken3d, random  # noqa: E402,F401
+from adatoken.core.methods import adatoken3d, fastv, none, pdrop, random  # noqa: E402,F401

@@ -16,6 +16,7 @@ from adatoken.core.schedule import Schedule, curve_schedule
 @register
 class AdaToken3D(Method):
     name = "adatoken3d"
+    role = "adatoken"
 
     @dataclass
     class Config:
@@ -29,14 +30,16 @@ class AdaToken3D(Method):
 
         def __post_init__(self):
             if self.schedule is not None and self.retention is not None:
-                raise ValueError("adatoken3d takes a schedule or a retention, not both (a schedule fixes its own retention)")
+                raise ValueError("adatoken3d takes a schedule or a retention, not both "
+                                 "(a schedule fixes its own retention)")
             if self.schedule is None and self.retention is None:
                 self.retention = 0.4
             check_fraction("retention", self.retention)
             if isinstance(self.schedule, (str, Path)):
                 self.schedule = Schedule.load(self.schedule)
             elif self.schedule is not None and not isinstance(self.schedule, Schedule):
-                raise ValueError(f"schedule must be a Schedule or a path to a schedule JSON, got {type(self.schedule).__name__}")
+                raise ValueError("schedule must be a Schedule or a path to a schedule JSON, "
+                                 f"got {type(self.schedule).__name__}")
 
     def schedule(self, num_layers: int) -> Schedule:
         c = self.config

@@ -20,6 +20,7 @@ from adatoken.core.schedule import Schedule
 @register
 class FastV(Method):
     name = "fastv"
+    role = "baseline"
 
     @dataclass
     class Config:

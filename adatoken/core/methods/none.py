@@ -8,6 +8,7 @@ from adatoken.core.schedule import Schedule
 @register
 class NoPruning(Method):
     name = "none"
+    role = "reference"
 
     @dataclass
     class Config:

@@ -20,6 +20,7 @@ from adatoken.core.schedule import Schedule
 @register
 class PyramidDrop(Method):
     name = "pdrop"
+    role = "baseline"
 
     @dataclass
     class Config:
@@ -70,7 +71,8 @@ class PyramidDrop(Method):
                 mid = (lo + hi) / 2
                 lo, hi = (mid, hi) if sum(self._keep(num_layers, layers, mid)) / num_layers < target else (lo, mid)
             ratio = (lo + hi) / 2
-        return Schedule(self._keep(num_layers, layers, ratio), {"method": "pdrop", "layers": list(layers), "ratio": ratio})
+        return Schedule(self._keep(num_layers, layers, ratio),
+                        {"method": "pdrop", "layers": list(layers), "ratio": ratio})
 
     def score(self, ctx: RankContext):
         return query_key_score(ctx)

@@ -14,10 +14,16 @@ from adatoken.core.methods.adatoken3d import AdaToken3D
 @register
 class RandomRanking(AdaToken3D):
     name = "random"
+    role = "control"
 
     @dataclass
     class Config(AdaToken3D.Config):
         seed: int = 0
+
+        def __post_init__(self):
+            super().__post_init__()
+            if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+                raise ValueError(f"random seed must be a non-negative integer, got {self.seed!r}")
 
     def score(self, ctx: RankContext):
         per_sample = scoring.random_scores(ctx.num_spatial, self.config.seed)
