@@ -118,8 +118,7 @@ def test_resume_after_a_torn_write(reference, checkpoint, tmp_path):
     kept = (reference / "predictions" / "rank0.jsonl").read_text().splitlines(keepends=True)
     torn = "".join(kept[:23]) + kept[23][: len(kept[23]) // 2]  # mid-batch, mid-line
     (tmp_path / "predictions" / "rank0.jsonl").write_text(torn)
-    assert main(eval_args(checkpoint, tmp_path)) == 0
-    assert_same_as_reference(tmp_path, reference)
+    rerun_equals_reference(checkpoint, tmp_path, reference)
 
 
 @pytest.mark.slow
@@ -136,8 +135,7 @@ def test_resume_after_sigkill(reference, checkpoint, tmp_path):
         time.sleep(0.01)
     assert process.wait(timeout=60) == -signal.SIGKILL, "the run ended before it could be killed"
     assert not (tmp_path / "metrics.json").exists()
-    assert main(eval_args(checkpoint, tmp_path)) == 0
-    assert_same_as_reference(tmp_path, reference)
+    rerun_equals_reference(checkpoint, tmp_path, reference)
 
 
 @pytest.mark.slow
@@ -220,3 +218,9 @@ def test_wilson_interval():
     low, high = wilson_interval(5, 10)
     assert low == pytest.approx(0.2366, abs=1e-4) and high == pytest.approx(0.7634, abs=1e-4)
     assert wilson_interval(0, 20) == (0.0, pytest.approx(0.1611, abs=1e-4))
+
+
+def rerun_equals_reference(checkpoint, out, reference) -> None:
+    """The same command again, in the folder an interrupted run left: it ends as the uninterrupted run did."""
+    assert main(eval_args(checkpoint, out)) == 0
+    assert_same_as_reference(out, reference)

@@ -38,13 +38,18 @@ def attention_flops(shape: ModelShape, n: int) -> int:
     return shape.num_layers * 2 * 2 * shape.num_heads * n * n * shape.head_dim
 
 
-def test_llama_eager_forward_matches_flop_counter():
-    config = llama_config()
+def ours_and_counted(attn: str) -> tuple[int, int, ModelShape]:
+    """Our analytic prefill count of a SEQ-token forward with logits at every position, and torch's."""
+    config = llama_config(attn)
     model = LlamaForCausalLM(config).eval()
     ids = torch.randint(0, config.vocab_size, (1, SEQ))
     shape = ModelShape.from_config(config)
-    ours = prefill_flops(shape, [SEQ] * shape.num_layers, lm_head_positions=SEQ).total
-    counted = counted_flops(model, input_ids=ids)
+    return prefill_flops(shape, [SEQ] * shape.num_layers, lm_head_positions=SEQ).total, \
+        counted_flops(model, input_ids=ids), shape
+
+
+def test_llama_eager_forward_matches_flop_counter():
+    ours, counted, _ = ours_and_counted("eager")
     assert abs(ours - counted) / counted < 0.02
     # Both count only matmuls, with the attention rectangle in full, so they agree to the FLOP.
     assert ours == counted
@@ -54,12 +59,8 @@ def test_llama_sdpa_forward_flop_counter_on_cpu():
     # FlopCounterMode has formulas for the CUDA sdpa kernels (flash, efficient, cudnn) but, in torch 2.13,
     # none for the CPU fused kernel, so on CPU it misses the attention matmuls entirely. Our count does not
     # depend on the kernel; accept either behaviour so a torch that learns the CPU kernel keeps this passing.
-    config = llama_config("sdpa")
-    model = LlamaForCausalLM(config).eval()
-    ids = torch.randint(0, config.vocab_size, (1, SEQ))
-    shape = ModelShape.from_config(config)
-    ours = prefill_flops(shape, [SEQ] * shape.num_layers, lm_head_positions=SEQ).total
-    assert counted_flops(model, input_ids=ids) in (ours, ours - attention_flops(shape, SEQ))
+    ours, counted, shape = ours_and_counted("sdpa")
+    assert counted in (ours, ours - attention_flops(shape, SEQ))
 
 
 def test_qwen2_gqa_biases_forward_and_decode_match_flop_counter():

@@ -16,6 +16,15 @@ from tiny_models import IMAGE_TOKEN, build_model, make_prompt, model_inputs
 GREEDY = dict(do_sample=False, pad_token_id=0, suppress_tokens=[IMAGE_TOKEN])
 
 
+def pruned_llama(attn: str = "sdpa", method: str = "adatoken3d", **params):
+    """A LLaMA text decoder pruned with `method` (adatoken3d at retention 0.5 by default), and the
+    inputs_embeds and spatial mask of a 40-spatial-token prompt for it."""
+    model = build_model("llama", attn)
+    ids, spatial = make_prompt(40)
+    adatoken.prune(model, method, **(params or {"retention": 0.5}))
+    return model, model_inputs(model, "llama", ids), spatial
+
+
 def llava_inputs(prompt: int = 7, seed: int = 0) -> dict:
     ids, _ = make_prompt(16, prompt=prompt, seed=seed)  # llava: the 4x4 patch grid of a 16px image
     return model_inputs(LLAVA, "llava", ids, seed=seed)
@@ -35,20 +44,19 @@ def test_generate_without_cache_equals_with_cache(llava, method, params):
     """Each step without a cache is a new prefill of prompt + generated tokens: it ranks by the prompt's last
     token, as the cached prefill did, so the tokens are the same."""
     adatoken.prune(llava, method, **params)
-    inputs = llava_inputs(seed=1)  # an input where ranking by the newest token instead keeps other tokens
-    cached = llava.generate(**inputs, max_new_tokens=24, **GREEDY)
-    uncached = llava.generate(**inputs, max_new_tokens=24, use_cache=False, **GREEDY)
-    assert torch.equal(cached, uncached)
+    same_tokens_with_and_without_cache(llava, llava_inputs(seed=1), 24)  # ranking by the newest token differs here
 
 
 def test_text_decoder_without_cache_equals_with_cache():
     model = build_model("qwen2", "sdpa")
     ids, spatial = make_prompt(40)
-    inputs = model_inputs(model, "qwen2", ids)
     adatoken.prune(model, "adatoken3d", retention=0.5)
     with adatoken.spatial_tokens(model, spatial):
-        cached = model.generate(**inputs, max_new_tokens=12, **GREEDY)
-        uncached = model.generate(**inputs, max_new_tokens=12, use_cache=False, **GREEDY)
+        same_tokens_with_and_without_cache(model, model_inputs(model, "qwen2", ids), 12)
+
+
+def same_tokens_with_and_without_cache(model, inputs: dict, tokens: int) -> None:
+    cached, uncached = (model.generate(**inputs, max_new_tokens=tokens, use_cache=c, **GREEDY) for c in (True, False))
     assert torch.equal(cached, uncached)
 
 
@@ -89,10 +97,7 @@ def test_a_deep_copy_is_pruned_on_its_own(llava):
 
 
 def test_a_pickled_model_is_pruned_on_its_own():
-    model = build_model("llama", "sdpa")
-    ids, spatial = make_prompt(40)
-    inputs = model_inputs(model, "llama", ids)
-    adatoken.prune(model, "adatoken3d", retention=0.5)
+    model, inputs, spatial = pruned_llama()
     twin = pickle.loads(pickle.dumps(model))
     with torch.no_grad(), adatoken.spatial_tokens(twin, spatial):
         twin(**inputs)
@@ -104,10 +109,7 @@ def test_a_pickled_model_is_pruned_on_its_own():
 @pytest.mark.parametrize("expansion", [dict(num_beams=3), dict(num_return_sequences=2, do_sample=True),
                                        dict(num_beams=3, num_return_sequences=2)])
 def test_explicit_mask_follows_generates_expansion(expansion):
-    model = build_model("llama", "sdpa")
-    ids, spatial = make_prompt(40)
-    inputs = model_inputs(model, "llama", ids)
-    adatoken.prune(model, "adatoken3d", retention=0.5)
+    model, inputs, spatial = pruned_llama()
     with adatoken.spatial_tokens(model, spatial):  # [1, S]: the prompt's mask, not the expanded batch's
         model.generate(**inputs, max_new_tokens=3, pad_token_id=0, **{"do_sample": False, **expansion})
     stats = adatoken.last_stats(model)  # beam search runs num_beams rows; sampling one per returned sequence
@@ -165,10 +167,7 @@ def _warnings(call) -> list[str]:
 
 
 def test_no_spatial_tokens_warns_once_naming_the_causes():
-    model = build_model("llama", "sdpa")
-    ids, _ = make_prompt(40)
-    inputs = model_inputs(model, "llama", ids)
-    adatoken.prune(model, "fastv")
+    model, inputs, _ = pruned_llama(method="fastv")
     said = _warnings(lambda: (model(**inputs), model(**inputs)))  # a text decoder, no spatial_tokens
     assert len(said) == 1 and "found no spatial tokens" in said[0] and "adatoken.spatial_tokens" in said[0]
 

@@ -69,10 +69,7 @@ def _greedy_without_cache(model, family, ids, steps):
 @pytest.mark.parametrize("method,params", pruning())
 def test_generate_with_cache_equals_recomputation(method, params, attn):
     family = "qwen2" if method in ("pdrop", "random") else "llama"  # both GQA and MHA are covered
-    model = build_model(family, attn)
-    adatoken.prune(model, method, **params)
-    ids, _ = make_prompt(40)
-    kwargs = model_inputs(model, family, ids)
+    model, ids, kwargs = _pruned(family, attn, method, params)
     with torch.no_grad(), adatoken.spatial_tokens(model, ids == IMAGE_TOKEN):
         generated = model.generate(**kwargs, max_new_tokens=16, do_sample=False, min_new_tokens=16, pad_token_id=0)
     cached = generated[0, -16:].tolist()
@@ -80,20 +77,22 @@ def test_generate_with_cache_equals_recomputation(method, params, attn):
 
 
 def test_llava_generate_with_cache_equals_recomputation():
-    model = build_model("llava", "sdpa")
-    adatoken.prune(model, "adatoken3d", retention=0.5)
-    ids, _ = make_prompt(16)
-    kwargs = model_inputs(model, "llava", ids)
+    model, ids, kwargs = _pruned("llava", "sdpa")
     with torch.no_grad():
         generated = model.generate(**kwargs, max_new_tokens=16, do_sample=False, min_new_tokens=16, pad_token_id=0)
     assert generated[0, -16:].tolist() == _greedy_without_cache(model, "llava", ids, 16)
 
 
+def _pruned(family: str, attn: str, method: str = "adatoken3d", params: dict | None = None):
+    """A tiny model of `family` pruned with `method`, a prompt's ids and the model's inputs for it."""
+    model = build_model(family, attn)
+    adatoken.prune(model, method, **(params or {"retention": 0.5}))
+    ids, _ = make_prompt(spatial_count(family))
+    return model, ids, model_inputs(model, family, ids)
+
+
 def test_sampling_generate_runs_and_is_seeded():
-    model = build_model("llama", "sdpa")
-    adatoken.prune(model, "adatoken3d", retention=0.5)
-    ids, _ = make_prompt(40)
-    kwargs = model_inputs(model, "llama", ids)
+    model, ids, kwargs = _pruned("llama", "sdpa")
     runs = []
     for _ in range(2):
         torch.manual_seed(0)
@@ -165,9 +164,7 @@ def test_padded_batch_generate_equals_samples_alone():
 
 def test_pruned_forward_equals_manual_reference():
     """FastV at layer K: layers K.. see only the kept tokens, at their original positions."""
-    model = build_model("llama", "eager")
-    ids, spatial = make_prompt(40)
-    embeds = model_inputs(model, "llama", ids)["inputs_embeds"]
+    model, spatial, embeds = _model_and_embeds("llama", "eager")
     adatoken.prune(model, "fastv", layer=3, drop_ratio=0.5)
     with torch.no_grad(), adatoken.spatial_tokens(model, spatial):
         pruned = model(inputs_embeds=embeds).logits[0, -1]
@@ -181,7 +178,7 @@ def test_pruned_forward_equals_manual_reference():
         for layer in model.model.layers[3:]:
             hidden = layer(hidden, attention_mask=causal, position_embeddings=cos_sin, position_ids=positions)
         reference = model.lm_head(model.model.norm(hidden))[0, -1]
-    assert len(kept) == ids.shape[1] - 20
+    assert len(kept) == embeds.shape[1] - 20
     torch.testing.assert_close(pruned, reference, atol=1e-5, rtol=0)
 
 
@@ -193,9 +190,7 @@ def _text_positions(spatial) -> set[int]:
 def test_ranking_matches_brute_force_from_attention_weights(family):
     """adatoken3d/pdrop keep the spatial tokens with the largest Σ_heads q_t·k_j, which equals
     Σ_heads log softmax weight + const: the brute-force reference from eager attention weights."""
-    model = build_model(family, "eager")
-    ids, spatial = make_prompt(40)
-    embeds = model_inputs(model, family, ids)["inputs_embeds"]
+    model, spatial, embeds = _model_and_embeds(family, "eager")
     layer = 2
     with torch.no_grad():
         weights = model(inputs_embeds=embeds, output_attentions=True).attentions[layer][0]  # [H, S, S]
@@ -208,9 +203,7 @@ def test_ranking_matches_brute_force_from_attention_weights(family):
 
 
 def test_fastv_ranking_matches_brute_force_from_attention_weights():
-    model = build_model("qwen2", "eager")
-    ids, spatial = make_prompt(40)
-    embeds = model_inputs(model, "qwen2", ids)["inputs_embeds"]
+    model, spatial, embeds = _model_and_embeds("qwen2", "eager")
     with torch.no_grad():
         weights = model(inputs_embeds=embeds, output_attentions=True).attentions[2][0]
     candidates = spatial[0].nonzero().squeeze(1)
@@ -272,3 +265,10 @@ def test_input_without_spatial_tokens_runs_unpruned():
             out = model(input_ids=ids).logits  # said, never silent (DESIGN: runtime rules)
     assert torch.equal(out, reference)
     assert all(layer == [0] for layer in adatoken.last_stats(model).spatial_in)
+
+
+def _model_and_embeds(family: str, attn: str):
+    """A tiny text decoder of `family`, and the spatial mask and inputs_embeds of a 40-spatial-token prompt."""
+    model = build_model(family, attn)
+    ids, spatial = make_prompt(40)
+    return model, spatial, model_inputs(model, family, ids)["inputs_embeds"]

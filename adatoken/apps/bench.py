@@ -270,27 +270,44 @@ def throughput(model, configs: dict[str, dict], budget_bytes: int, spatial: int,
     return rows
 
 
-def markdown(result: dict) -> str:
-    lines = [f"{result['shape']} · {result['device_name']} · {result['dtype']} · batch {result['batch']} · "
-             f"{result['spatial_tokens']} spatial + {result['text_tokens']} text tokens · "
-             f"{result['new_tokens']} new tokens · "
-             f"median of {result['repeats']}", "",
-             "| config | retention | prefill ms | prefill speedup | FLOPs ratio | speedup / FLOPs | "
-             "causal FLOPs ratio | ranking | TTFT ms | e2e ms | e2e speedup | decode tok/s | KV cache MiB | peak GiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in result["rows"]:
+def _value(key: str, fmt: str, scale: float = 1.0):
+    return lambda r: format(r[key] * scale, fmt) if key in r else "–"
+
+
+# header -> how a row shows it ("–" where the row has no such value: no generation, no GPU)
+COLUMNS = {
+    "retention": _value("retention", ".3f"),
+    "prefill ms": _value("prefill_s", ".1f", 1e3),
+    "prefill speedup": _value("prefill_speedup", ".2f"),
+    "FLOPs ratio": _value("flops_ratio", ".2f"),
+    "speedup / FLOPs": lambda r: f"{r['prefill_speedup'] / r['flops_ratio']:.2f}",
+    "causal FLOPs ratio": _value("causal_flops_ratio", ".2f"),
+    "ranking": _value("ranking_share", ".1%"),
+    "TTFT ms": _value("ttft_s", ".1f", 1e3),
+    "e2e ms": _value("e2e_s", ".1f", 1e3),
+    "e2e speedup": _value("e2e_speedup", ".2f"),
+    "decode tok/s": _value("decode_tok_s", ".1f"),
+    "KV cache MiB": _value("kv_cache_bytes", ".1f", 2 ** -20),
+    "peak GiB": _value("peak_memory_bytes", ".2f", 2 ** -30),
+}
+PREFILL_COLUMNS = ("retention", "prefill ms", "prefill speedup", "FLOPs ratio", "speedup / FLOPs", "ranking")
+
+
+def markdown_table(rows: list[dict], columns=tuple(COLUMNS)) -> str:
+    """One row per config; a skipped config shows why instead of its numbers."""
+    lines = ["| config | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for r in rows:
         if "skipped" in r:
-            lines.append(f"| {r['config']} | skipped: {r['skipped']} |" + " |" * 12)
-            continue
-        get = lambda key, fmt, scale=1.0: format(r[key] * scale, fmt) if key in r else "–"  # noqa: E731
-        lines.append(
-            f"| {r['config']} | {r['retention']:.3f} | {r['prefill_s'] * 1e3:.1f} | {r['prefill_speedup']:.2f} | "
-            f"{r['flops_ratio']:.2f} | {r['prefill_speedup'] / r['flops_ratio']:.2f} | {r['causal_flops_ratio']:.2f} | "
-            f"{r['ranking_share']:.1%} | "
-            f"{get('ttft_s', '.1f', 1e3)} | {get('e2e_s', '.1f', 1e3)} | {get('e2e_speedup', '.2f')} | "
-            f"{get('decode_tok_s', '.1f')} | "
-            f"{get('kv_cache_bytes', '.1f', 2 ** -20)} | {get('peak_memory_bytes', '.2f', 2 ** -30)} |")
+            lines.append(f"| {r['config']} | skipped: {r['skipped']} |" + " |" * (len(columns) - 1))
+        else:
+            lines.append(f"| {r['config']} | " + " | ".join(COLUMNS[c](r) for c in columns) + " |")
     return "\n".join(lines) + "\n"
+
+
+def markdown(result: dict) -> str:
+    return (f"{result['shape']} · {result['device_name']} · {result['dtype']} · batch {result['batch']} · "
+            f"{result['spatial_tokens']} spatial + {result['text_tokens']} text tokens · "
+            f"{result['new_tokens']} new tokens · median of {result['repeats']}\n\n" + markdown_table(result["rows"]))
 
 
 def throughput_markdown(rows: list[dict], label: str, device: str, dtype: torch.dtype, budget_bytes: int,

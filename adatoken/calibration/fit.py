@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from adatoken.core.schedule import Schedule, exponential_curve
+from adatoken.core.schedule import Schedule, check_first_layer, exponential_curve
 
 #
 # In eq. 5, alpha and the center L enter only through the amplitude alpha·exp(beta·L), because
@@ -106,9 +106,7 @@ def fit_schedule(inf, num_layers: int, retention: float, smooth_lambda: float = 
     target = normalize_inf(inf)
     if len(target) != num_layers:
         raise ValueError(f"inf has {len(target)} values but num_layers is {num_layers}: give one INF value per layer")
-    if not 1 <= first_layer < num_layers:
-        raise ValueError(f"first_layer must be in [1, {num_layers - 1}] for a {num_layers}-layer model, "
-                         f"got {first_layer}")
+    check_first_layer(first_layer, num_layers)
     lowest = first_layer / num_layers
     if not lowest - 1e-12 <= retention <= 1.0:
         raise ValueError(

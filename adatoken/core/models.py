@@ -22,39 +22,39 @@ class Shape:
     description: str
 
 
+def _shape(layers: int, hidden: int, intermediate: int, heads: int, description: str, family: str = "llama",
+           **extra) -> Shape:
+    """A LLaMA-like shape: LLaMA's vocabulary and 4,096 positions unless `extra` says otherwise."""
+    config = dict(num_hidden_layers=layers, hidden_size=hidden, intermediate_size=intermediate,
+                  num_attention_heads=heads, vocab_size=32000, max_position_embeddings=4096)
+    return Shape(family, {**config, **extra}, description)
+
+
+# tiny-llama's 12 narrow layers: deep enough for a visible per-layer curve, seconds per sample on a CPU.
+# initializer_range 0.2 (transformers' default is 0.02) makes the random attention peaked rather than near
+# uniform, so the calibration figures have some structure to show.
+_TINY = dict(vocab_size=1024, initializer_range=0.2)
+
 SHAPES: dict[str, Shape] = {
-    "llava3d-7b": Shape("llama", dict(num_hidden_layers=32, hidden_size=4096, intermediate_size=11008,
-                                      num_attention_heads=32, vocab_size=32000, max_position_embeddings=4096),
-                        "LLaVA-3D-7B's LLM (Vicuna-7B): 32 layers, 32 heads, no GQA"),
-    "cpu-llama-12l": Shape("llama", dict(num_hidden_layers=12, hidden_size=768, intermediate_size=2048,
-                                         num_attention_heads=12, vocab_size=32000, max_position_embeddings=4096),
-                           "the CPU stand-in: LLaMA proportions at hidden 768, 12 layers"),
-    "cpu-llama-24l": Shape("llama", dict(num_hidden_layers=24, hidden_size=768, intermediate_size=2048,
-                                         num_attention_heads=12, vocab_size=32000, max_position_embeddings=4096),
-                           "the CPU stand-in at 24 layers: deep enough for retention 0.1 with every method"),
+    "llava3d-7b": _shape(32, 4096, 11008, 32, "LLaVA-3D-7B's LLM (Vicuna-7B): 32 layers, 32 heads, no GQA"),
+    "cpu-llama-12l": _shape(12, 768, 2048, 12, "the CPU stand-in: LLaMA proportions at hidden 768, 12 layers"),
+    "cpu-llama-24l": _shape(24, 768, 2048, 12, "the CPU stand-in at 24 layers: deep enough for retention 0.1 "
+                                               "with every method"),
     # LLaVA-3D-7B shrunk for a CPU: its 32 layers, head_dim 128 and MLP ratio 11008/4096 kept, hidden
     # 4096 -> 256 (2 heads): a 32-layer prefill of a thousand spatial tokens in seconds on one core.
-    "llava3d-mini": Shape("llama", dict(num_hidden_layers=32, hidden_size=256, intermediate_size=688,
-                                        num_attention_heads=2, vocab_size=32000, max_position_embeddings=4096),
-                          "LLaVA-3D-7B's depth and head size at hidden 256 (the demo's benchmark model)"),
-    # 12 narrow layers: deep enough for a visible per-layer curve, seconds per sample on a CPU.
-    # initializer_range 0.2 (transformers' default is 0.02) makes the random attention peaked rather
-    # than near uniform, so the calibration figures have some structure to show.
-    "tiny-llama": Shape("llama", dict(vocab_size=1024, hidden_size=128, intermediate_size=344, num_hidden_layers=12,
-                                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096,
-                                      initializer_range=0.2),
-                        "12 narrow layers with peaked random attention (synthetic calibration)"),
-    "tiny-qwen2": Shape("qwen2", dict(vocab_size=1024, hidden_size=128, intermediate_size=344, num_hidden_layers=12,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                                      initializer_range=0.2, use_sliding_window=False),
-                        "tiny-llama's shape as Qwen2: GQA and q/k/v biases (synthetic calibration)"),
-    "flow-memory": Shape("llama", dict(vocab_size=1000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=8192),
-                         "4 layers at hidden 256, 8,192 positions (the flow analysis' memory benchmark)"),
-    "tiny-6l": Shape("llama", dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
-                                num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
-                                rms_norm_eps=1e-5, tie_word_embeddings=False),
-                  "6 layers at hidden 64: the test suite's decoders (other families reuse its sizes)"),
+    "llava3d-mini": _shape(32, 256, 688, 2, "LLaVA-3D-7B's depth and head size at hidden 256 (the demo's "
+                                            "benchmark model)"),
+    "tiny-llama": _shape(12, 128, 344, 4, "12 narrow layers with peaked random attention (synthetic calibration)",
+                         num_key_value_heads=4, **_TINY),
+    "tiny-qwen2": _shape(12, 128, 344, 4, "tiny-llama's shape as Qwen2: GQA and q/k/v biases (synthetic "
+                                          "calibration)", family="qwen2", num_key_value_heads=2,
+                         use_sliding_window=False, **_TINY),
+    "flow-memory": _shape(4, 256, 688, 4, "4 layers at hidden 256, 8,192 positions (the flow analysis' memory "
+                                          "benchmark)", num_key_value_heads=4, vocab_size=1000,
+                          max_position_embeddings=8192),
+    "tiny-6l": _shape(6, 64, 128, 4, "6 layers at hidden 64: the test suite's decoders (other families reuse "
+                                     "its sizes)", num_key_value_heads=4, vocab_size=96, max_position_embeddings=512,
+                      rms_norm_eps=1e-5, tie_word_embeddings=False),
 }
 
 

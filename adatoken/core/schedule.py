@@ -88,6 +88,13 @@ class Schedule(JsonArtifact):
         return cls(keep=list(data["keep"]), meta=dict(data.get("meta", {})))
 
 
+def check_first_layer(first_layer: int, num_layers: int) -> None:
+    """Layers before `first_layer` keep everything; layer 0 always must, and the last may not."""
+    if not 1 <= first_layer < num_layers:
+        raise ValueError(f"first_layer must be in [1, {num_layers - 1}] for a {num_layers}-layer model, "
+                         f"got {first_layer}")
+
+
 def exponential_curve(num_layers: int, alpha: float, beta: float, center: float, floor: float) -> np.ndarray:
     """Eq. 5 of the paper: O_pre(i) = alpha * exp(-beta * (i - center)) + floor, for i = 0..num_layers-1."""
     i = np.arange(num_layers, dtype=np.float64)
@@ -103,9 +110,7 @@ def curve_schedule(num_layers: int, retention: float, alpha: float = 1.0, beta: 
     """
     if not 0.0 < retention <= 1.0:
         raise ValueError(f"retention must be in (0, 1], got {retention}")
-    if not 1 <= first_layer < num_layers:
-        raise ValueError(f"first_layer must be in [1, {num_layers - 1}] for a {num_layers}-layer model, "
-                         f"got {first_layer}")
+    check_first_layer(first_layer, num_layers)
     if beta <= 0:
         raise ValueError(f"beta must be > 0, got {beta}")
     lowest = first_layer / num_layers

@@ -143,19 +143,31 @@ def _check_unique(records: list[QARecord], path: Path) -> list[QARecord]:
     return records
 
 
+def _by_question_id(path: Path, rows) -> dict[str, _Record]:
+    """Every (location, data) row of a file as a _Record, by its question_id; a repeated id is an error."""
+    records: dict[str, _Record] = {}
+    for location, data in rows:
+        record = _Record(path, location, data)
+        if record.question_id() in records:
+            record.fail("question_id appears more than once; ids must be unique")
+        records[record.question_id()] = record
+    return records
+
+
+def _records(path: Path, rows, build) -> list[QARecord]:
+    """`build(_Record)` for every (location, data) row of a file, checked for unique question ids."""
+    return _check_unique([build(_Record(path, location, data)) for location, data in rows], path)
+
+
 # --- loaders -------------------------------------------------------------------------------
 def load_scanqa(path: str | Path) -> list[QARecord]:
     """ScanQA_v1.0_{train,val}.json: a list of {question_id, scene_id, question, answers,
     object_ids, object_names}. The test files carry no answers and cannot be scored."""
     path = Path(path)
-    records = []
-    for location, data in _read_records(path, "ScanQA file (e.g. ScanQA_v1.0_val.json)"):
-        r = _Record(path, location, data)
-        records.append(QARecord(
-            question_id=r.question_id(), scene_id=r.text("scene_id"), question=r.text("question"),
-            answers=r.answers(), extra=r.rest("question_id", "scene_id", "question", "answers"),
-        ))
-    return _check_unique(records, path)
+    return _records(path, _read_records(path, "ScanQA file (e.g. ScanQA_v1.0_val.json)"), lambda r: QARecord(
+        question_id=r.question_id(), scene_id=r.text("scene_id"), question=r.text("question"),
+        answers=r.answers(), extra=r.rest("question_id", "scene_id", "question", "answers"),
+    ))
 
 
 def load_sqa3d(path: str | Path, split: str = "test") -> list[QARecord]:
@@ -174,21 +186,11 @@ def load_sqa3d(path: str | Path, split: str = "test") -> list[QARecord]:
     questions_path = directory / f"v1_balanced_questions_{split}_scannetv2.json"
     annotations_path = directory / f"v1_balanced_sqa_annotations_{split}_scannetv2.json"
 
-    questions: dict[str, _Record] = {}
-    for location, data in _read_records(questions_path, "SQA3D questions file", "questions"):
-        q = _Record(questions_path, location, data)
-        qid = q.question_id()
-        if qid in questions:
-            q.fail("question_id appears more than once; ids must be unique")
-        questions[qid] = q
-
-    records, annotated = [], set()
-    for location, data in _read_records(annotations_path, "SQA3D annotations file", "annotations"):
-        a = _Record(annotations_path, location, data)
-        qid = a.question_id()
-        if qid in annotated:
-            a.fail("question_id appears more than once; ids must be unique")
-        annotated.add(qid)
+    questions = _by_question_id(questions_path, _read_records(questions_path, "SQA3D questions file", "questions"))
+    annotated = _by_question_id(annotations_path,
+                                _read_records(annotations_path, "SQA3D annotations file", "annotations"))
+    records = []
+    for qid, a in annotated.items():
         q = questions.get(qid)
         if q is None:
             a.fail(f"no question with this id in {questions_path.name}")
@@ -287,15 +289,11 @@ def load_jsonl(path: str | Path) -> list[QARecord]:
     """adatoken's plain format: one {question_id, question, answers, scene_id?, qtype?, situation?}
     per line; any other keys go to `extra`."""
     path = Path(path)
-    records = []
-    for location, data in _read_jsonl(path, "JSONL question file"):
-        r = _Record(path, location, data)
-        records.append(QARecord(
-            question_id=r.question_id(), scene_id=r.optional_text("scene_id"), question=r.text("question"),
-            answers=r.answers(), qtype=r.optional_text("qtype"), situation=r.optional_text("situation"),
-            extra=r.rest("question_id", "scene_id", "question", "answers", "qtype", "situation"),
-        ))
-    return _check_unique(records, path)
+    return _records(path, _read_jsonl(path, "JSONL question file"), lambda r: QARecord(
+        question_id=r.question_id(), scene_id=r.optional_text("scene_id"), question=r.text("question"),
+        answers=r.answers(), qtype=r.optional_text("qtype"), situation=r.optional_text("situation"),
+        extra=r.rest("question_id", "scene_id", "question", "answers", "qtype", "situation"),
+    ))
 
 
 # name -> loader(path, **options).

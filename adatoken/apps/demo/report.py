@@ -185,18 +185,11 @@ def accuracy_table(rows: list[ReportRow]) -> str:
 
 def bench_table(result: dict) -> str:
     """The prefill columns of `adatoken bench`'s table (bench/*.md holds all of them)."""
-    lines = [f"{result['spatial_tokens']} spatial + {result['text_tokens']} text tokens, batch {result['batch']}, "
-             f"{result['threads']} thread(s), median of {result['repeats']}", "",
-             "| config | retention | prefill ms | speedup | FLOPs ratio | speedup / FLOPs | ranking share |",
-             "|---|---|---|---|---|---|---|"]
-    for r in result["rows"]:
-        if "skipped" in r:
-            lines.append(f"| {r['config']} | skipped: {r['skipped']} | | | | | |")
-            continue
-        speedup, ratio = r["prefill_speedup"], r["flops_ratio"]
-        lines.append(f"| {r['config']} | {r['retention']:.3f} | {1e3 * r['prefill_s']:.1f} | {speedup:.2f} | "
-                     f"{ratio:.2f} | {speedup / ratio:.2f} | {r['ranking_share']:.1%} |")
-    return "\n".join(lines) + "\n"
+    from adatoken.apps.bench import PREFILL_COLUMNS, markdown_table
+
+    return (f"{result['spatial_tokens']} spatial + {result['text_tokens']} text tokens, batch {result['batch']}, "
+            f"{result['threads']} thread(s), median of {result['repeats']}\n\n"
+            + markdown_table(result["rows"], PREFILL_COLUMNS))
 
 
 def figure_names(results: DemoResults) -> list[str]:

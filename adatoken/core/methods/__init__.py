@@ -105,6 +105,17 @@ def check_fraction(name: str, value: float | None, low_open: bool = True) -> Non
         raise ValueError(f"{name} must be in {'(0, 1]' if low_open else '[0, 1]'}, got {value}")
 
 
+def one_budget(method: str, name: str, value: float | None, retention: float | None, default: float) -> float | None:
+    """A method's own budget parameter or the cross-method `retention`, not both; `default` when neither."""
+    if value is not None and retention is not None:
+        raise ValueError(f"{method} takes {name} or retention, not both")
+    if value is None and retention is None:
+        value = default
+    check_fraction(name, value, low_open=False)
+    check_fraction("retention", retention)
+    return value
+
+
 def check_layer(name: str, layer: int, num_layers: int) -> None:
     if not 1 <= layer < num_layers:
         raise ValueError(f"{name} must be a layer index in [1, {num_layers - 1}] for a {num_layers}-layer model, "

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from adatoken.core import scoring
-from adatoken.core.methods import Method, RankContext, check_fraction, check_layer, register
+from adatoken.core.methods import Method, RankContext, check_layer, one_budget, register
 from adatoken.core.schedule import Schedule
 
 
@@ -29,12 +29,7 @@ class FastV(Method):
         retention: float | None = None
 
         def __post_init__(self):
-            if self.drop_ratio is not None and self.retention is not None:
-                raise ValueError("fastv takes drop_ratio or retention, not both")
-            if self.drop_ratio is None and self.retention is None:
-                self.drop_ratio = 0.5
-            check_fraction("drop_ratio", self.drop_ratio, low_open=False)
-            check_fraction("retention", self.retention)
+            self.drop_ratio = one_budget("fastv", "drop_ratio", self.drop_ratio, self.retention, default=0.5)
             if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 1:
                 raise ValueError(f"fastv layer must be an integer >= 1, got {self.layer!r}")
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from adatoken.core import scoring
-from adatoken.core.methods import Method, RankContext, check_fraction, check_layer, register
+from adatoken.core.methods import Method, RankContext, check_layer, one_budget, register
 from adatoken.core.schedule import Schedule
 
 
@@ -29,12 +29,7 @@ class PyramidDrop(Method):
         retention: float | None = None
 
         def __post_init__(self):
-            if self.ratio is not None and self.retention is not None:
-                raise ValueError("pdrop takes ratio or retention, not both")
-            if self.ratio is None and self.retention is None:
-                self.ratio = 0.5
-            check_fraction("ratio", self.ratio, low_open=False)
-            check_fraction("retention", self.retention)
+            self.ratio = one_budget("pdrop", "ratio", self.ratio, self.retention, default=0.5)
             if self.layers is not None:
                 layers = tuple(self.layers)
                 if not layers or any(isinstance(x, bool) or not isinstance(x, int) for x in layers) \
