@@ -80,8 +80,10 @@ def decoder_layers(model) -> int:
 
 
 def expected_counts(method: str, params: dict, num_layers: int, num_spatial: int) -> list[int]:
-    """Spatial tokens entering each layer by the schedule the config describes (not the runtime's own copy)."""
-    return adatoken.PruneConfig(method, **params).build().schedule(num_layers).counts(num_spatial)
+    """Spatial tokens entering each layer by the schedule the config describes and the method's own
+    rounding of it (not the runtime's copy)."""
+    built = adatoken.PruneConfig(method, **params).build()
+    return built.counts(built.schedule(num_layers), num_spatial)
 
 
 def check_counts(model, method: str, params: dict, num_spatial: int, length: int) -> None:

@@ -170,16 +170,18 @@ def test_query_key_ranking_matches_brute_force(family):
     candidates = spatial_of(kwargs)[0].nonzero().squeeze(1)
     keep = len(candidates) // 4
     expected = top_by_log_attention(_attention_rows(model, family, kwargs, layer), candidates, keep)
-    adatoken.prune(model, "pdrop", layers=(layer,), ratio=keep / len(candidates))
+    adatoken.prune(model, "pdrop", layers=(layer,), ratio=keep / len(candidates), scoring="query_key",
+                   positions="original")
     forward(model, family, kwargs)
     assert kept_spatial(model, layer) == expected
 
 
 def test_fastv_ranking_with_qk_norms_matches_brute_force():
+    """FastV at K = 2 ranks by layer K-1's attention (as released), through Qwen3's q/k norms."""
     model = build_model("qwen3", "eager")
     kwargs = inputs(model, "qwen3")
     candidates = spatial_of(kwargs)[0].nonzero().squeeze(1)
-    expected = top_by_mean_attention(_attention_rows(model, "qwen3", kwargs, 2), candidates, 20)
+    expected = top_by_mean_attention(_attention_rows(model, "qwen3", kwargs, 1), candidates, 20)
     adatoken.prune(model, "fastv", layer=2, drop_ratio=0.5)
     forward(model, "qwen3", kwargs)
     assert kept_spatial(model, 2) == expected

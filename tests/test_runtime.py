@@ -202,13 +202,16 @@ def test_ranking_matches_brute_force_from_attention_weights(family):
     assert kept_spatial(model, layer) == expected
 
 
-def test_fastv_ranking_matches_brute_force_from_attention_weights():
+@pytest.mark.parametrize("ranking,ranked_layer", [("previous_layer", 1), ("own_layer", 2)])
+def test_fastv_ranking_matches_brute_force_from_attention_weights(ranking, ranked_layer):
+    """FastV at K = 2 keeps the top spatial tokens of the last token's head-mean attention in layer K-1
+    (as released), or in layer K itself (our variant)."""
     model, spatial, embeds = _model_and_embeds("qwen2", "eager")
     with torch.no_grad():
-        weights = model(inputs_embeds=embeds, output_attentions=True).attentions[2][0]
+        weights = model(inputs_embeds=embeds, output_attentions=True).attentions[ranked_layer][0]
     candidates = spatial[0].nonzero().squeeze(1)
     expected = top_by_mean_attention(weights[:, -1], candidates, 20)  # the last token's row
-    adatoken.prune(model, "fastv", layer=2, drop_ratio=0.5)
+    adatoken.prune(model, "fastv", layer=2, drop_ratio=0.5, ranking=ranking)
     with torch.no_grad(), adatoken.spatial_tokens(model, spatial):
         model(inputs_embeds=embeds)
     assert kept_spatial(model, 2) == expected

@@ -69,7 +69,7 @@ def test_ranking_matches_brute_force_from_attention_weights():
         weights = model(inputs_embeds=embeds, output_attentions=True).attentions[layer][0]  # [H, S, S]
     candidates = spatial[0].nonzero().squeeze(1)
     expected = top_by_log_attention(weights[:, -1], candidates, NUM_SPATIAL // 4)
-    adatoken.prune(model, "pdrop", layers=(layer,), ratio=0.25)
+    adatoken.prune(model, "pdrop", layers=(layer,), ratio=0.25, scoring="query_key", positions="original")
     forward(model, embeds, spatial)
     assert kept_spatial(model, layer) == expected
 

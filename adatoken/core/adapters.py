@@ -139,6 +139,19 @@ class Adapter:
             return []
         return rotaries
 
+    @property
+    def multimodal_rope(self) -> bool:
+        """Qwen2-VL's RoPE: three position streams (time, height, width) per token, not one."""
+        return self.text_config.model_type in ("qwen2_vl_text", "qwen2_5_vl_text")
+
+    def shifted_positions(self, hidden: torch.Tensor, kwargs: dict, shift: torch.Tensor) -> dict:
+        """The layer kwargs that move a decoding step's positions `shift` [B] back: the positions the step
+        has in a layer that holds `shift` fewer earlier tokens, renumbered."""
+        positions = kwargs["position_ids"].expand(hidden.shape[0], -1) - shift[:, None]
+        if kwargs.get("position_embeddings") is None:  # transformers 4.37: attention applies RoPE itself
+            return {"position_ids": positions}
+        return {"position_ids": positions, "position_embeddings": self.decoder.rotary_emb(hidden, positions)}
+
     def rotary(self, layer_idx: int, hidden: torch.Tensor, positions: torch.Tensor, length: int):
         """cos/sin [B, L, head_dim] at `positions` [B, L], for layers that compute RoPE themselves.
 

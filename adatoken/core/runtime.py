@@ -108,6 +108,7 @@ class Prefill:
     key_ok: list[torch.Tensor | None]     # per layer: [B, L_l] False at filler slots, None = no filler
     extra: int = 0                        # tokens appended after the prefill so far
     cache: weakref.ref | None = None      # the KV cache that holds it (None: a forward without a cache)
+    shift: list[torch.Tensor | None] = field(default_factory=list)  # per layer: [B] positions renumbered away
 
 
 class _RecordsByIdentity:
@@ -151,6 +152,7 @@ class Pass:
     restored: bool = False               # the previous layer handed on a full-length sequence
     sliced_for: torch.Tensor | None = None  # the index `sliced` was gathered with
     sliced: dict = field(default_factory=dict)
+    pending: torch.Tensor | None = None  # scores a layer computed for the next layer's drop
 
 
 class PruneState:
@@ -161,6 +163,10 @@ class PruneState:
         self.adapter = adapters.resolve(model)
         self.method = config.build()
         self.schedule: Schedule = self.method.schedule(self.adapter.num_layers)
+        if self.method.renumbers_positions and self.adapter.multimodal_rope and min(self.schedule.keep) < 1:
+            raise ValueError(f"{config.method} renumbers positions after each drop, which is defined for 1-D RoPE; "
+                             f"{self.adapter.model_type!r} uses multimodal RoPE: keep original positions "
+                             "(positions='original')")
         self.model = model
         self.handles: list = []
         self.stats: PruneStats | None = None
@@ -353,11 +359,12 @@ class PruneState:
         layout = TokenLayout.build(spatial, attention_mask, self._query_positions(batch, length, hidden.device))
         layout.spatial[torch.arange(batch), layout.prompt_end] = False  # the ranking query is never dropped
         num_spatial = layout.num_spatial
-        counts = [list(c) for c in zip(*(self.schedule.counts(n) for n in num_spatial))]
+        counts = [list(c) for c in zip(*(self.method.counts(self.schedule, n) for n in num_spatial))]
         ordinal = (layout.spatial.cumsum(1) - 1).clamp(min=0)
         self.current = Pass(layout, counts, layout.real.sum(1).tolist(), ordinal, alive=layout.spatial,
                             slots=[length] * batch)
-        self.record = Prefill(length, [None] * self.adapter.num_layers, [None] * self.adapter.num_layers,
+        per_layer = [None] * self.adapter.num_layers
+        self.record = Prefill(length, list(per_layer), list(per_layer), shift=list(per_layer),
                               cache=None if cache is None else weakref.ref(cache))
         self.stats = PruneStats([[0] * batch for _ in counts], [[0] * batch for _ in counts], self.adapter.text_config,
                                 layout.spatial, self.record)
@@ -416,11 +423,23 @@ class PruneState:
             run.restored = False
         target = run.counts[idx]
         alive_counts = run.counts[idx - 1] if idx > 0 else run.counts[0]
-        if any(t < a for t, a in zip(target, alive_counts)):
+        following = run.counts[idx + 1] if idx + 1 < len(run.counts) else target
+        drops = any(t < a for t, a in zip(target, alive_counts))
+        # a method that ranks a drop by the layer before it (FastV's code does) scores the next layer's drop here
+        ranks_next = self.method.rank_layer_offset and any(f < t for f, t in zip(following, target))
+        if drops or ranks_next:
             with self.selection_timer.measure(hidden.device) if self.selection_timer else contextlib.nullcontext():
-                hidden = self._prune(idx, run, hidden, self._sliced(run, kwargs), target, alive_counts)
+                if drops:
+                    scores, run.pending = run.pending, None
+                    if scores is None:
+                        scores = self._scores(self._rank_context(idx, run, hidden, self._sliced(run, kwargs)), run)
+                    hidden = self._prune(run, hidden, scores, target, alive_counts)
+                if ranks_next:
+                    run.pending = self._scores(self._rank_context(idx, run, hidden, self._sliced(run, kwargs)), run)
         self.record.key_index[idx] = run.index
         self.record.key_ok[idx] = run.slot_ok
+        if self.method.renumbers_positions and run.index is not None:
+            self.record.shift[idx] = torch.tensor([n - t for n, t in zip(run.counts[0], target)], device=hidden.device)
         self.stats.spatial_in[idx] = list(target)
         self.stats.tokens_in[idx] = [r - (n - t) for r, n, t in zip(run.real_tokens, run.counts[0], target)]
         if run.index is None:
@@ -428,7 +447,8 @@ class PruneState:
         kwargs = self._sliced(run, kwargs)
         return ((hidden, *args[1:]) if args else ()), ({**kwargs} if args else {**kwargs, "hidden_states": hidden})
 
-    def _prune(self, idx: int, run: Pass, hidden, kwargs, target: list[int], alive_counts: list[int]):
+    def _rank_context(self, idx: int, run: Pass, hidden, kwargs) -> RankContext:
+        """What a method may look at to rank the alive spatial tokens from layer `idx`'s input."""
         batch, length = hidden.shape[:2]
         device = hidden.device
         index = run.index if run.index is not None else torch.arange(length, device=device).expand(batch, length)
@@ -449,9 +469,19 @@ class PruneState:
             num_heads=self.adapter.num_heads,
             num_kv_heads=self.adapter.num_kv_heads, scaling=self.adapter.head_dim ** -0.5,
         )
+        return ctx
+
+    def _scores(self, ctx: RankContext, run: Pass) -> torch.Tensor:
         with torch.no_grad():
             scores = self.method.score(ctx).float().nan_to_num(nan=-1e30, posinf=1e30, neginf=-1e30)
-            scores = scores.masked_fill(~run.alive, float("-inf"))
+        return scores.masked_fill(~run.alive, float("-inf"))
+
+    def _prune(self, run: Pass, hidden, scores: torch.Tensor, target: list[int], alive_counts: list[int]):
+        batch, length = hidden.shape[:2]
+        device = hidden.device
+        index = run.index if run.index is not None else torch.arange(length, device=device).expand(batch, length)
+        slot_ok = run.slot_ok if run.slot_ok is not None else torch.ones(batch, length, dtype=torch.bool, device=device)
+        with torch.no_grad():
             k_max = max(target)
             top = scores.topk(k_max, dim=1).indices if k_max > 0 else scores[:, :0].long()
             take = torch.arange(k_max, device=device)[None] < torch.tensor(target, device=device)[:, None]
@@ -507,12 +537,16 @@ class PruneState:
             return kwargs
         if run.sliced_for is not run.index:
             index, batch = run.index, run.index.shape[0]
+            # Kept tokens keep their original positions, or (a method whose released code renumbers them) take
+            # the positions of the first tokens of the input, in order: 0..n-1 without padding.
+            at = torch.arange(index.shape[1], device=index.device).expand_as(index) \
+                if self.method.renumbers_positions else index
             sliced = {}
             if kwargs.get("position_embeddings") is not None:
-                sliced["position_embeddings"] = tuple(_gather_tokens(t.expand(batch, -1, -1), index)
+                sliced["position_embeddings"] = tuple(_gather_tokens(t.expand(batch, -1, -1), at)
                                                       for t in kwargs["position_embeddings"])
             if kwargs.get("position_ids") is not None:
-                sliced["position_ids"] = kwargs["position_ids"].expand(batch, -1).gather(1, index)
+                sliced["position_ids"] = kwargs["position_ids"].expand(batch, -1).gather(1, at)
             sliced["attention_mask"] = _prefill_mask(kwargs.get("attention_mask"), index, run.slot_ok,
                                                      self.adapter.attn_implementation, run.buffer.dtype)
             run.sliced_for, run.sliced = index, sliced
@@ -544,12 +578,15 @@ class PruneState:
         record = self.record
         if record is None or record.key_index[idx] is None:
             return None
+        changes = {}
+        if record.shift[idx] is not None:  # renumbered: a new token follows the tokens this layer still holds
+            changes.update(self.adapter.shifted_positions(hidden, kwargs, record.shift[idx]))
         mask = kwargs.get("attention_mask")
         key_ok = record.key_ok[idx]
-        if mask is None and key_ok is None:
-            return None  # sdpa without padding: the cache holds exactly the keys to attend
-        new_mask = _decode_mask(mask, record, idx, hidden.shape[1], self.adapter.attn_implementation, hidden.dtype)
-        return args, {**kwargs, "attention_mask": new_mask}
+        if mask is not None or key_ok is not None:  # else sdpa without padding: the cache holds exactly the keys
+            changes["attention_mask"] = _decode_mask(mask, record, idx, hidden.shape[1],
+                                                     self.adapter.attn_implementation, hidden.dtype)
+        return (args, {**kwargs, **changes}) if changes else None
 
 
 # ----- tensor helpers ------------------------------------------------------------------------------

@@ -60,12 +60,18 @@ class Method:
     name: ClassVar[str]
     role: ClassVar[str]  # one of ROLES
     Config: ClassVar[type]
+    rank_layer_offset: int = 0        # 1: a drop at layer K is ranked from layer K-1's input (FastV's code)
+    renumbers_positions: bool = False  # after a drop, kept tokens take positions 0..n-1 (PyramidDrop's code)
 
     def __init__(self, config):
         self.config = config
 
     def schedule(self, num_layers: int) -> Schedule:
         raise NotImplementedError
+
+    def counts(self, schedule: Schedule, num_spatial: int) -> list[int]:
+        """Spatial tokens entering each layer; a method whose released code rounds its own way says so here."""
+        return schedule.counts(num_spatial)
 
     def score(self, ctx: RankContext) -> torch.Tensor:
         """[B, L] scores; only entries at ctx.candidates are read."""

@@ -1,12 +1,17 @@
-"""FastV (Chen et al., ECCV 2024): after layer K, drop a fraction R of the image tokens, once.
+"""FastV (Chen et al., ECCV 2024): at layer K, drop a fraction R of the image tokens, once.
 
-Ranked as FastV's released code ranks: the softmax attention of the last instruction token over each
-image token, averaged over heads (the paper's text speaks of attention received from all tokens; the
-code uses the last token's row). FastV reads that row from layer K−1's attention weights; here it is
-recomputed from layer K's own input (norm → q/k → q/k norms where present → RoPE), so it works under
-sdpa and flash attention.
-Paper defaults: K = 2, R = 50 %.
-Given `retention` instead of `drop_ratio`, R is solved from mean keep = (K + (L − K)(1 − R)) / L.
+As its released code selects (pkunlp-icler/FastV @ d1659729, the in-place branch of
+src/transformers/src/transformers/models/llama/modeling_llama.py:736-760): inside the layer loop, at
+idx == K, the attention weights layer K-1 returned (`layer_outputs[1]`, :738) are averaged over heads, the
+last token's row is read at the image columns, the top `round(N·(1 − R))` are kept (the count the script
+passes, (1-R)·N, eval_aokvqa_latency_fastv_inplace.sh:7; `round` as its llava-hf version computes it,
+src/FastV/llava-hf/.../modeling_llama.py:1048), sorted, at their original positions (:756). Here layer
+K-1's attention row is recomputed from layer K-1's own input (norm -> q/k -> q/k norms where present ->
+RoPE -> softmax over the causal row, fp32), so it needs no attention weights and works under sdpa.
+Paper defaults: K = 2, R = 50 %. Given `retention` instead of `drop_ratio`, R is solved from
+mean keep = (K + (L - K)(1 - R)) / L.
+
+Variant (ours): ranking="own_layer" ranks with layer K's own input instead of layer K-1's.
 """
 from dataclasses import dataclass
 
@@ -15,6 +20,8 @@ import torch
 from adatoken.core import scoring
 from adatoken.core.methods import Method, RankContext, check_layer, one_budget, register
 from adatoken.core.schedule import Schedule
+
+RANKINGS = ("previous_layer", "own_layer")
 
 
 @register
@@ -28,10 +35,21 @@ class FastV(Method):
         drop_ratio: float | None = None
         retention: float | None = None
 
+        ranking: str = "previous_layer"  # as released; "own_layer": our variant
+
         def __post_init__(self):
             self.drop_ratio = one_budget("fastv", "drop_ratio", self.drop_ratio, self.retention, default=0.5)
+            if self.ranking not in RANKINGS:
+                raise ValueError(f"fastv ranking must be one of {', '.join(RANKINGS)}, got {self.ranking!r}")
             if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 1:
                 raise ValueError(f"fastv layer must be an integer >= 1, got {self.layer!r}")
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.rank_layer_offset = 1 if config.ranking == "previous_layer" else 0
+
+    def counts(self, schedule: Schedule, num_spatial: int) -> list[int]:
+        return [round(num_spatial * keep) for keep in schedule.keep]
 
     def drop_ratio(self, num_layers: int) -> float:
         K = self.config.layer
@@ -52,15 +70,21 @@ class FastV(Method):
         return Schedule(keep, {"method": "fastv", "layer": K, "drop_ratio": ratio})
 
     def score(self, ctx: RankContext):
-        w_q, b_q, w_k, b_k = ctx.qk_weights
-        batch = ctx.normed.shape[0]
-        head_dim = w_q.shape[0] // ctx.num_heads
-        rows = torch.arange(batch, device=ctx.normed.device)
-        q = scoring.project_heads(ctx.normed[rows, ctx.query_slot], w_q, b_q, head_dim, ctx.qk_norms[0])
-        k = scoring.project_heads(ctx.normed, w_k, b_k, head_dim, ctx.qk_norms[1])
-        cos, sin = ctx.cos.float(), ctx.sin.float()
-        q = scoring.apply_rope(q, cos[rows, ctx.query_slot][:, None], sin[rows, ctx.query_slot][:, None])
-        k = scoring.apply_rope(k.transpose(1, 2), cos[:, None], sin[:, None])
-        query_position = ctx.positions.gather(1, ctx.query_slot[:, None])
-        key_ok = ctx.valid & (ctx.positions <= query_position)  # causal: not the answer tokens after it
-        return scoring.last_token_attention(q, k, key_ok, ctx.scaling)
+        return attention_score(ctx)
+
+
+def attention_score(ctx: RankContext):
+    """The softmax attention the last instruction token pays each token, averaged over heads, from the
+    input `ctx` describes (FastV's and PyramidDrop's released ranking)."""
+    w_q, b_q, w_k, b_k = ctx.qk_weights
+    batch = ctx.normed.shape[0]
+    head_dim = w_q.shape[0] // ctx.num_heads
+    rows = torch.arange(batch, device=ctx.normed.device)
+    q = scoring.project_heads(ctx.normed[rows, ctx.query_slot], w_q, b_q, head_dim, ctx.qk_norms[0])
+    k = scoring.project_heads(ctx.normed, w_k, b_k, head_dim, ctx.qk_norms[1])
+    cos, sin = ctx.cos.float(), ctx.sin.float()
+    q = scoring.apply_rope(q, cos[rows, ctx.query_slot][:, None], sin[rows, ctx.query_slot][:, None])
+    k = scoring.apply_rope(k.transpose(1, 2), cos[:, None], sin[:, None])
+    query_position = ctx.positions.gather(1, ctx.query_slot[:, None])
+    key_ok = ctx.valid & (ctx.positions <= query_position)  # causal: not the answer tokens after it
+    return scoring.last_token_attention(q, k, key_ok, ctx.scaling)

@@ -1,12 +1,21 @@
-"""PyramidDrop (Xing et al., CVPR 2025): stages ending at fixed layers, each keeping λ of the previous
-stage's image tokens, ranked by the last instruction token's query against the image keys.
+"""PyramidDrop (Xing et al., CVPR 2025): stages starting at fixed layers, each keeping λ of the previous
+stage's image tokens.
 
-Tokens entering layer i: λ^(number of stage-end layers ≤ i). Defaults: stage ends at 1/4, 1/2 and
-3/4 of the depth (8, 16, 24 on a 32-layer model, as the paper uses for LLaVA) and λ = 0.5. Given
-`retention` instead of `ratio`, λ is solved by bisection (the mean keep is increasing in λ). Those
-stages cannot go below a mean retention of 1/4 (the first quarter keeps everything), so for a lower
-budget without explicit `layers` the stages start at layer 2, where FastV prunes, and split the rest
-of the depth in three; the schedule's meta records the stages used.
+As its released code selects (Cooperx521/PyramidDrop @ 6444f304, llava/model/modeling_llama_pdrop.py):
+after the layer that ends a stage (`layer_idx + 1 in layer_list`, :1222-1225) the first layer of the
+next stage scores the image tokens with its own norm, q/k and RoPE at the current positions (:1322-1342):
+the last instruction token's softmax attention over its causal row, per head, then the mean over heads,
+read at the image columns (:1395-1401). It keeps the top `int(N·λ^s)` of the ORIGINAL N image tokens
+(:1306-1307, 1405-1407), in order, and renumbers the positions of the new sequence 0..n-1 (:1431-1446);
+a decoded token's position is lowered by what each stage dropped before it (:1259-1268).
+Tokens entering layer i: λ^(number of stage layers ≤ i). Defaults: stages at 1/4, 1/2 and 3/4 of the
+depth (layer_list [8, 16, 24] on a 32-layer model, the paper's for LLaVA) and λ = 0.5. Given `retention`
+instead of `ratio`, λ is solved by bisection (the mean keep is increasing in λ). Those stages cannot go
+below a mean retention of 1/4, so for a lower budget without explicit `layers` the stages start at
+layer 2, where FastV prunes, and split the rest of the depth in three; the schedule's meta records them.
+
+Variants (ours): scoring="query_key" ranks by Σ_heads q·k (no softmax); positions="original" keeps the
+kept tokens' original positions.
 """
 from dataclasses import dataclass
 
@@ -14,7 +23,11 @@ import torch
 
 from adatoken.core import scoring
 from adatoken.core.methods import Method, RankContext, check_layer, one_budget, register
+from adatoken.core.methods.fastv import attention_score
 from adatoken.core.schedule import Schedule
+
+SCORINGS = ("attention", "query_key")
+POSITIONS = ("renumbered", "original")
 
 
 @register
@@ -28,14 +41,27 @@ class PyramidDrop(Method):
         ratio: float | None = None
         retention: float | None = None
 
+        scoring: str = "attention"     # as released; "query_key": our variant
+        positions: str = "renumbered"  # as released; "original": our variant
+
         def __post_init__(self):
             self.ratio = one_budget("pdrop", "ratio", self.ratio, self.retention, default=0.5)
+            for name, valid in (("scoring", SCORINGS), ("positions", POSITIONS)):
+                if getattr(self, name) not in valid:
+                    raise ValueError(f"pdrop {name} must be one of {', '.join(valid)}, got {getattr(self, name)!r}")
             if self.layers is not None:
                 layers = tuple(self.layers)
                 if not layers or any(isinstance(x, bool) or not isinstance(x, int) for x in layers) \
                         or list(layers) != sorted(set(layers)):
                     raise ValueError(f"pdrop layers must be strictly increasing integers, got {self.layers!r}")
                 self.layers = layers
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.renumbers_positions = config.positions == "renumbered"
+
+    def counts(self, schedule: Schedule, num_spatial: int) -> list[int]:
+        return [int(num_spatial * keep) for keep in schedule.keep]  # floored, of the original count
 
     def stage_layers(self, num_layers: int) -> tuple[int, ...]:
         layers = self.config.layers or tuple(sorted({max(1, round(num_layers * f)) for f in (0.25, 0.5, 0.75)}))
@@ -70,7 +96,7 @@ class PyramidDrop(Method):
                         {"method": "pdrop", "layers": list(layers), "ratio": ratio})
 
     def score(self, ctx: RankContext):
-        return query_key_score(ctx)
+        return attention_score(ctx) if self.config.scoring == "attention" else query_key_score(ctx)
 
 
 def query_key_score(ctx: RankContext):
