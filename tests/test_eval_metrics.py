@@ -13,6 +13,7 @@ from adatoken.eval.metrics import (
     answer_match,
     breakdown,
     clean_answer,
+    exact_match,
     score,
     score_records,
     sqa3d_question_type,
@@ -183,3 +184,10 @@ def test_score_records_looks_predictions_up_by_question_id():
     assert result["by_type"]["is"]["em"] == 1.0
     with pytest.raises(ValueError, match=r"1 of 2 records have no prediction \(first: \['q2'\]\)"):
         score_records(records, {"q1": "red"}, ngram=False)
+
+
+def test_exact_match_is_the_cleaned_comparison_every_accuracy_uses():
+    """The one EM definition (the testbed's evaluation, its training checks and `adatoken eval` all use it)."""
+    assert exact_match("Two.", ["2"]) and exact_match("the chair", ["Chair"]) and exact_match("Left", ["left"])
+    assert not exact_match("chair", ["armchair"])  # refined EM's substring match is not EM
+    assert not exact_match("", [""]) and not exact_match("red", [])

@@ -154,6 +154,12 @@ class Pass:
     sliced: dict = field(default_factory=dict)
     pending: torch.Tensor | None = None  # scores a layer computed for the next layer's drop
 
+    def slot_tables(self, batch: int, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(index, slot_ok) spelled out, also before the first drop (identity, no filler)."""
+        index = self.index if self.index is not None else torch.arange(length, device=device).expand(batch, length)
+        ok = self.slot_ok if self.slot_ok is not None else torch.ones(batch, length, dtype=torch.bool, device=device)
+        return index, ok
+
 
 class PruneState:
     """Everything adatoken keeps on a pruned model: config, hooks, and per-forward state."""
@@ -451,8 +457,7 @@ class PruneState:
         """What a method may look at to rank the alive spatial tokens from layer `idx`'s input."""
         batch, length = hidden.shape[:2]
         device = hidden.device
-        index = run.index if run.index is not None else torch.arange(length, device=device).expand(batch, length)
-        slot_ok = run.slot_ok if run.slot_ok is not None else torch.ones(batch, length, dtype=torch.bool, device=device)
+        index, slot_ok = run.slot_tables(batch, length, device)
         if kwargs.get("position_embeddings") is not None:
             cos, sin = (t.expand(batch, -1, -1) for t in kwargs["position_embeddings"])
         else:  # the layer computes RoPE itself (transformers 4.37): from the positions it was given
@@ -479,8 +484,7 @@ class PruneState:
     def _prune(self, run: Pass, hidden, scores: torch.Tensor, target: list[int], alive_counts: list[int]):
         batch, length = hidden.shape[:2]
         device = hidden.device
-        index = run.index if run.index is not None else torch.arange(length, device=device).expand(batch, length)
-        slot_ok = run.slot_ok if run.slot_ok is not None else torch.ones(batch, length, dtype=torch.bool, device=device)
+        index, slot_ok = run.slot_tables(batch, length, device)
         with torch.no_grad():
             k_max = max(target)
             top = scores.topk(k_max, dim=1).indices if k_max > 0 else scores[:, :0].long()

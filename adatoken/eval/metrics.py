@@ -19,6 +19,9 @@ import shutil
 from collections.abc import Mapping, Sequence
 from types import SimpleNamespace
 
+__all__ = ["SQA3D_TYPES", "answer_match", "breakdown", "clean_answer", "exact_match", "score", "score_records",
+           "sqa3d_question_type"]
+
 STYLES = ("llava3d", "leo")
 TOKENIZERS = ("ptb", "none")
 # Each style's default tokenisation before the n-gram scorers: LLaVA-3D runs pycocoevalcap's

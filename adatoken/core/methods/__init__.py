@@ -122,6 +122,11 @@ def one_budget(method: str, name: str, value: float | None, retention: float | N
     return value
 
 
+def check_choice(method: str, name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{method} {name} must be one of {', '.join(choices)}, got {value!r}")
+
+
 def check_layer(name: str, layer: int, num_layers: int) -> None:
     if not 1 <= layer < num_layers:
         raise ValueError(f"{name} must be a layer index in [1, {num_layers - 1}] for a {num_layers}-layer model, "

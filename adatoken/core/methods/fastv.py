@@ -18,10 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from adatoken.core import scoring
-from adatoken.core.methods import Method, RankContext, check_layer, one_budget, register
+from adatoken.core.methods import Method, RankContext, check_choice, check_layer, one_budget, register
 from adatoken.core.schedule import Schedule
-
-RANKINGS = ("previous_layer", "own_layer")
 
 
 @register
@@ -39,8 +37,7 @@ class FastV(Method):
 
         def __post_init__(self):
             self.drop_ratio = one_budget("fastv", "drop_ratio", self.drop_ratio, self.retention, default=0.5)
-            if self.ranking not in RANKINGS:
-                raise ValueError(f"fastv ranking must be one of {', '.join(RANKINGS)}, got {self.ranking!r}")
+            check_choice("fastv", "ranking", self.ranking, ("previous_layer", "own_layer"))
             if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 1:
                 raise ValueError(f"fastv layer must be an integer >= 1, got {self.layer!r}")
 

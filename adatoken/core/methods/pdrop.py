@@ -22,12 +22,9 @@ from dataclasses import dataclass
 import torch
 
 from adatoken.core import scoring
-from adatoken.core.methods import Method, RankContext, check_layer, one_budget, register
+from adatoken.core.methods import Method, RankContext, check_choice, check_layer, one_budget, register
 from adatoken.core.methods.fastv import attention_score
 from adatoken.core.schedule import Schedule
-
-SCORINGS = ("attention", "query_key")
-POSITIONS = ("renumbered", "original")
 
 
 @register
@@ -46,9 +43,8 @@ class PyramidDrop(Method):
 
         def __post_init__(self):
             self.ratio = one_budget("pdrop", "ratio", self.ratio, self.retention, default=0.5)
-            for name, valid in (("scoring", SCORINGS), ("positions", POSITIONS)):
-                if getattr(self, name) not in valid:
-                    raise ValueError(f"pdrop {name} must be one of {', '.join(valid)}, got {getattr(self, name)!r}")
+            check_choice("pdrop", "scoring", self.scoring, ("attention", "query_key"))
+            check_choice("pdrop", "positions", self.positions, ("renumbered", "original"))
             if self.layers is not None:
                 layers = tuple(self.layers)
                 if not layers or any(isinstance(x, bool) or not isinstance(x, int) for x in layers) \
