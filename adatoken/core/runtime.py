@@ -4,16 +4,20 @@ How a pruned prefill runs (every decoder layer has a forward pre-hook, and a for
 - Layer 0's pre-hook starts a new prefill: it builds the token layout (which positions are spatial,
   which are padding) and asks the method for the number of spatial tokens entering every layer.
 - At a layer where that number steps down, the pre-hook ranks the alive spatial tokens (the method's
-  `score`, from this layer's own normed input) and keeps the best. The current sequence is described
-  by `index` [B, L]: for each slot, the original position of the token in it. Every per-token tensor
-  the layer receives — hidden states, position ids, rotary cos/sin, the 4-D mask — is gathered with it.
-  Kept tokens keep their original positions, so RoPE and causality are unchanged. (Where attention
-  computes RoPE itself from `position_ids`, as in transformers 4.37, a hook on its rotary module keeps
-  the cos/sin cache it slices long enough for those positions.)
+  `score`, from this layer's own normed input, or from the previous layer's for a method that ranks
+  there, as FastV's code does) and keeps the best. The current sequence is described by `index` [B, L]:
+  for each slot, the original position of the token in it. Every per-token tensor the layer receives —
+  hidden states, position ids, rotary cos/sin, the 4-D mask — is gathered with it. Kept tokens keep
+  their original positions, so RoPE and causality are unchanged, unless the method renumbers them as
+  its released code does (PyramidDrop): then the kept tokens take the first positions of the input, in
+  order, and a decoding step's position is lowered per layer by what that layer no longer holds.
+  (Where attention computes RoPE itself from `position_ids`, as in transformers 4.37, a hook on its
+  rotary module keeps the cos/sin cache it slices long enough for those positions.)
 - Samples of a batch keep different numbers of tokens; shorter rows are padded with *filler* slots
   (copies of the sample's last token) that no key ever attends to (`slot_ok` is False there).
 - Each layer's KV cache therefore holds only the tokens that entered it. Decoding steps slice the
-  key dimension of the decode mask with that layer's `index`; positions come from outside unchanged.
+  key dimension of the decode mask with that layer's `index`. What a prefill decided is filed under
+  its KV cache, so several conversations can continue on one model.
   Layer 0 never prunes, because transformers sizes decode masks and positions from its cache.
 - The last layer's forward hook scatters the output back to full length; a dropped token keeps the
   hidden state it had when dropped, so logits, loss and hidden-state outputs have unpruned shapes.
@@ -181,7 +185,7 @@ class PruneState:
         self._reset_calls()
 
     def _reset_calls(self) -> None:
-        """Per-call state: nothing of it outlives a call, or travels with a copy of the model."""
+        """Per-call state: nothing of it outlives its call, or travels with a copy of the model."""
         self.explicit_spatial: torch.Tensor | None = None
         self.explicit_query: torch.Tensor | int | None = None
         self.generation: Generation | None = None    # the `generate` call under way, if any
@@ -193,16 +197,16 @@ class PruneState:
         # back legacy tuples, a new cache object each step). Weak: a dropped conversation frees its record.
         self.records = _RecordsByIdentity()
 
+    # A copy (copy.deepcopy, pickle) of a pruned model is pruned on its own: configuration and hooks travel,
+    # what calls left behind (and the last prefill's statistics) do not.
+    COPIED = ("config", "adapter", "method", "schedule", "model", "handles", "warned")
+
     def __getstate__(self) -> dict:
-        # a copy (copy.deepcopy, pickle) of a pruned model is pruned on its own: fresh per-call state
-        state = {k: v for k, v in self.__dict__.items() if k != "records"}
-        state.update(explicit_spatial=None, explicit_query=None, generation=None, call_inputs={}, record=None,
-                     current=None, stats=None, selection_timer=None)
-        return state
+        return {name: self.__dict__[name] for name in self.COPIED}
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self.records = _RecordsByIdentity()
+        self.__dict__.update(state, stats=None, selection_timer=None)
+        self._reset_calls()
 
     # ----- hooks -------------------------------------------------------------------------------
     def attach(self, model: nn.Module) -> None:
@@ -250,7 +254,6 @@ class PruneState:
         input_ids = kwargs.get("input_ids", args[0] if args and torch.is_tensor(args[0]) else None)
         self.call_inputs = {
             "input_ids": input_ids,
-            "inputs_embeds": kwargs.get("inputs_embeds") is not None,
             "labels": kwargs.get("labels") is not None,
             "attention_mask": kwargs.get("attention_mask"),
             "hidden_states_out": bool(kwargs.get("output_hidden_states",
