@@ -272,3 +272,31 @@ def test_generate_prefill_runs_the_final_norm_and_head_on_the_last_position_only
     torch.testing.assert_close(out.scores[0], direct[:, -1].masked_fill(
         torch.isinf(out.scores[0]), float("-inf")), atol=1e-5, rtol=0)
     assert not torch.equal(direct[:, -1], unpruned)  # the pruned prefill is what both read
+
+
+def test_a_generate_that_expands_its_inputs_ranks_by_the_expanded_prompts_last_token():
+    """LLaVA-3D's generate takes input_ids with one image placeholder and hands its LLM the expanded
+    embeddings: the ranking query is the last token of what the decoder receives, not of input_ids."""
+    from transformers import LlamaForCausalLM
+
+    class ExpandingLM(LlamaForCausalLM):
+        def generate(self, input_ids, spatial_features, **kwargs):
+            at = int((input_ids[0] == IMAGE_TOKEN).nonzero())
+            text = self.get_input_embeddings()(input_ids).detach()
+            embeds = torch.cat([text[:, :at], spatial_features, text[:, at + 1:]], 1)
+            return super().generate(inputs_embeds=embeds, **kwargs)
+
+    base = build_model("llama", "sdpa")
+    model = ExpandingLM(base.config).eval()
+    model.load_state_dict(base.state_dict())
+    ids, spatial = make_prompt(40)
+    embeds = model_inputs(model, "llama", ids)["inputs_embeds"]
+    placeholder = torch.cat([ids[:, :5], ids[:, 5:6], ids[:, 45:]], 1)  # one image token where 40 were
+    adatoken.prune(model, "fastv", layer=2, drop_ratio=0.5)
+    with torch.no_grad(), adatoken.spatial_tokens(model, spatial):
+        model(inputs_embeds=embeds)
+    direct = adatoken.last_stats(model).kept_positions
+    for use_cache in (True, False):
+        with adatoken.spatial_tokens(model, spatial):
+            model.generate(placeholder, embeds[:, 5:45], max_new_tokens=3, use_cache=use_cache, **GREEDY)
+        assert adatoken.last_stats(model).kept_positions == direct

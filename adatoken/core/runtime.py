@@ -134,10 +134,10 @@ class _RecordsByIdentity:
 
 @dataclass
 class Generation:
-    """The `generate` call under way: its prompt's batch size and length."""
+    """The `generate` call under way. Its prompt's length is the sequence the decoder first receives (not
+    the caller's input_ids: a model such as LLaVA-3D expands them into spatial tokens before its LLM)."""
 
-    batch: int
-    prompt_length: int
+    prompt_length: int | None = None
 
 
 @dataclass
@@ -237,14 +237,11 @@ class PruneState:
         """The model's own `generate`, told which prompt it answers: every step of this call ranks by the
         prompt's last token (with or without a KV cache), and an explicit spatial mask of the prompt
         follows the batch as generate expands it (beams, num_return_sequences)."""
-        inputs = kwargs.get("input_ids", args[0] if args and torch.is_tensor(args[0]) else None)
-        if inputs is None:
-            inputs = kwargs.get("inputs_embeds")
         if kwargs.get("cache_implementation") == "static" or _is_static(kwargs.get("past_key_values")):
             raise ValueError("adatoken does not support a static KV cache yet (each layer keeps a different number "
                              "of tokens): use generate's default dynamic cache, or adatoken.unprune(model) first")
         previous = self.generation
-        self.generation = None if inputs is None else Generation(inputs.shape[0], inputs.shape[1])
+        self.generation = Generation()
         try:
             return type(self.model).generate(self.model, *args, **kwargs)
         finally:
@@ -268,7 +265,10 @@ class PruneState:
         hidden = args[0] if args else kwargs["hidden_states"]
         if idx == 0:
             cache = kwargs.get("past_key_values", kwargs.get("past_key_value"))  # transformers 5 / 4.37
-            if cache is not None and cache.get_seq_length() > 0:
+            past = 0 if cache is None else cache.get_seq_length()
+            if self.generation is not None and self.generation.prompt_length is None:
+                self.generation.prompt_length = past + hidden.shape[1]  # the call's first forward: its prompt
+            if past > 0:
                 self._begin_continuation(hidden, cache)
             else:
                 self._begin_prefill(hidden, cache)
@@ -392,8 +392,8 @@ class PruneState:
         mask, call = self.explicit_spatial, self.generation
         if mask is None or call is None or not torch.is_tensor(mask) or mask.dim() != 2:
             return mask
-        if mask.shape[0] == call.batch and batch % call.batch == 0 and batch > call.batch:
-            mask = mask.repeat_interleave(batch // call.batch, dim=0)
+        if mask.shape[0] < batch and batch % mask.shape[0] == 0:  # generate repeats each prompt in place
+            mask = mask.repeat_interleave(batch // mask.shape[0], dim=0)
         if mask.shape[1] == call.prompt_length < length:  # use_cache=False: the prompt and what followed it
             mask = torch.cat((mask, mask.new_zeros(mask.shape[0], length - mask.shape[1])), 1)
         return mask
