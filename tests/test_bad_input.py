@@ -26,8 +26,8 @@ def test_retention_outside_unit_interval(method, retention):
 
 
 def test_unreachable_retention_says_what_is_feasible():
-    with pytest.raises(ValueError, match="at least 0.3333"):
-        adatoken.prune(build_model("llama"), "adatoken3d", retention=0.2)  # 6 layers, first_layer 2
+    with pytest.raises(ValueError, match="at least 0.3400"):
+        adatoken.prune(build_model("llama"), "adatoken3d", retention=0.2)  # 6 layers: 2 keep all, 4 keep >= 1 %
     with pytest.raises(ValueError, match="lowest it reaches is 0.3333"):
         adatoken.prune(build_model("llama"), "fastv", layer=2, retention=0.2)
 

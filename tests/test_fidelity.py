@@ -112,3 +112,17 @@ def test_fastv_and_pdrop_on_the_shipped_testbed():
     kept, logits = run_ours(llm, embeds, spatial, "pdrop", layers=(2, 3, 5), ratio=0.5)
     assert [kept[layer][0] for layer in (2, 3, 5)] == expected
     torch.testing.assert_close(logits, expected_logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_adatoken3d_released_equals_pyramiddrop_machinery(seed):
+    """variant="released" is the authors' code: PyramidDrop's rank-and-drop with their stage list and, per stage,
+    the fraction of the original tokens its curve gives (junkerman2004/Adatoken-3D modeling_llama_pdrop.py)."""
+    model, embeds, spatial = peaked_llama(seed)
+    config = adatoken.PruneConfig("adatoken3d", variant="released", stages=(2, 3, 4), final_keep=0.2)
+    stage_keep = config.build().schedule(6).meta["stage_keep"]
+    with torch.no_grad():
+        expected, expected_logits = pdrop_reference(model, embeds, SYSTEM, NUM_IMAGE, [2, 3, 4], [1.0, *stage_keep])
+    kept, logits = run_ours(model, embeds, spatial, "adatoken3d", variant="released", stages=(2, 3, 4), final_keep=0.2)
+    assert [kept[layer][0] for layer in (2, 3, 4)] == expected
+    torch.testing.assert_close(logits, expected_logits, atol=1e-4, rtol=0)

@@ -157,6 +157,19 @@ def test_report_statistics_and_json_round_trip(tmp_path):
     shares = [(t < 0.05 * t.mean(1, keepdims=True)).mean(1) for t in report.token_lambda]
     np.testing.assert_allclose(report.redundant_share, np.mean(shares, 0))
     assert report.redundancy == pytest.approx(float(np.mean(shares)))
+
+    def low_mass(lam_row):  # the mass reading, counted token by token from the least attended
+        total, running, count = lam_row.sum(), 0.0, 0
+        for value in sorted(lam_row):
+            running += value
+            if running >= 0.05 * total:
+                break
+            count += 1
+        return count / len(lam_row)
+
+    mass = [[low_mass(row) for row in t] for t in report.token_lambda]
+    np.testing.assert_allclose(report.lambda_stats["low_mass_share"], np.mean(mass, 0))
+    assert report.redundancy_mass == pytest.approx(float(np.mean(mass)))
     assert report.model["num_layers"] == 6 and len(report.inf) == 6
 
     report.save(tmp_path / "flow.json")

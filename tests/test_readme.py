@@ -2,9 +2,12 @@
 import re
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import adatoken
+from adatoken.calibration.fit import fit_schedule
+from adatoken.core import adapters
 from adatoken.core.runtime import STATE_ATTR
 from tiny_models import build_model, make_prompt, model_inputs
 
@@ -16,8 +19,13 @@ def readme_snippet() -> str:
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
-def test_use_it_on_your_model_snippet_runs():
+def test_use_it_on_your_model_snippet_runs(tmp_path, monkeypatch):
     llava = build_model("llava", "sdpa")
+    # the snippet prunes with a fitted schedule from `adatoken fit`: one for this model's depth, where it looks
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "calib").mkdir()
+    num_layers = adapters.resolve(llava).num_layers
+    fit_schedule(np.exp(-0.3 * np.arange(num_layers)), num_layers, retention=0.5).save("calib/schedule.json")
     ids, _ = make_prompt(16)
     llm = build_model("llama", "sdpa")
     llm_ids, spatial_mask = make_prompt(40)

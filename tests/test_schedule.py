@@ -62,8 +62,10 @@ def test_curve_schedule_mean_equals_retention(num_layers, retention):
 
 
 def test_curve_schedule_infeasible_raises():
-    with pytest.raises(ValueError, match="at least 0.1667"):
+    with pytest.raises(ValueError, match="at least 0.1750"):  # 2 layers keep all, 10 keep min_keep 1 %
         curve_schedule(12, 0.1, first_layer=2)
+    with pytest.raises(ValueError, match="at least 0.1667"):
+        curve_schedule(12, 0.1, first_layer=2, min_keep=0.0)
 
 
 # --- eq. 6 and the curve fit -----------------------------------------------------------------------
@@ -124,10 +126,12 @@ def test_fit_schedule_meets_retention(num_layers, first_layer, retention, seed):
     assert 0.0 <= meta["center"] <= num_layers - 1
     assert FLOOR_BOUNDS[0] <= meta["floor"] <= FLOOR_BOUNDS[1]
     assert meta["slsqp"]["success"]
-    assert abs(meta["floor_shift"]) < 0.01  # the smooth budget in SLSQP was already close to the real one
+    # the smooth budget in SLSQP was already close to the real one (within its two soft edges, 0 and min_keep)
+    assert abs(meta["floor_shift"]) < 0.015
     # the recorded parameters redraw the schedule
     curve = exponential_curve(num_layers, meta["alpha"], meta["beta"], meta["center"], meta["floor"])
-    np.testing.assert_allclose(schedule.keep[first_layer:], np.clip(curve, 0, 1)[first_layer:], atol=1e-9)
+    clipped = np.clip(curve, meta["min_keep"], 1)[first_layer:]  # no layer below min_keep (1 % by default)
+    np.testing.assert_allclose(schedule.keep[first_layer:], clipped, atol=1e-9)
 
 
 def test_fit_schedule_follows_the_curve_when_the_budget_does_not_bind():
@@ -135,7 +139,7 @@ def test_fit_schedule_follows_the_curve_when_the_budget_does_not_bind():
     # nothing to trade off and returns that curve (up to the smooth-clip correction of step 3).
     num_layers, first_layer = 32, 2
     inf = exponential_curve(num_layers, 0.8, 0.2, 3.0, 0.0)
-    natural = np.clip(normalize_inf(inf), 0, 1)
+    natural = np.clip(normalize_inf(inf), 0.01, 1)  # no layer below the default min_keep
     natural[:first_layer] = 1.0
     schedule = fit_schedule(inf, num_layers, float(natural.mean()), first_layer=first_layer)
     np.testing.assert_allclose(schedule.keep, natural, atol=5e-3)
@@ -147,7 +151,8 @@ def test_fit_schedule_budget_extremes():
     everything = fit_schedule(inf, 16, 1.0)
     np.testing.assert_allclose(everything.keep, 1.0, atol=1e-12)
     assert everything.counts(2560) == [2560] * 16
-    assert fit_schedule(inf, 16, 2 / 16, first_layer=2).counts(2560) == [2560, 2560] + [0] * 14
+    assert fit_schedule(inf, 16, 2 / 16, first_layer=2, min_keep=0.0).counts(2560) == [2560, 2560] + [0] * 14
+    assert fit_schedule(inf, 16, (2 + 14 * 0.01) / 16, first_layer=2).counts(2560) == [2560, 2560] + [26] * 14
 
 
 def test_fit_schedule_json_round_trip(tmp_path):
@@ -160,11 +165,12 @@ def test_fit_schedule_json_round_trip(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(retention=0.1), r"feasible retentions are \[0.1667, 1\]"),  # 2 of 12 layers keep everything
-    (dict(retention=0.0), r"feasible retentions are \[0.1667, 1\]"),
-    (dict(retention=-0.2), r"feasible retentions are \[0.1667, 1\]"),
-    (dict(retention=1.5), r"feasible retentions are \[0.1667, 1\]"),
-    (dict(retention=0.1, first_layer=1), None),  # the same budget is feasible from layer 1: [0.0833, 1]
+    (dict(retention=0.1), r"feasible retentions are \[0.1750, 1\]"),  # 2 of 12 layers keep everything, 10 at least 1 %
+    (dict(retention=0.0), r"feasible retentions are \[0.1750, 1\]"),
+    (dict(retention=-0.2), r"feasible retentions are \[0.1750, 1\]"),  # 2 layers keep all, 10 keep >= 1 %
+    (dict(retention=1.5), r"feasible retentions are \[0.1750, 1\]"),
+    (dict(retention=0.1, min_keep=0.0), r"feasible retentions are \[0.1667, 1\]"),
+    (dict(retention=0.1, first_layer=1), None),  # the same budget is feasible from layer 1: [0.0925, 1]
     (dict(retention=0.4, first_layer=0), r"first_layer must be in \[1, 11\]"),
     (dict(retention=0.4, num_layers=10), "inf has 12 values but num_layers is 10"),
     (dict(retention=0.4, alpha=2.0), r"alpha must be in \[0.5, 1.2\]"),

@@ -362,3 +362,22 @@ def test_training_needs_no_attention_mask():
     torch.testing.assert_close(unmasked.loss, masked.loss)
     for with_mask, without in zip(masked.hidden_states, unmasked.hidden_states, strict=True):
         torch.testing.assert_close(without[real], with_mask[real])
+
+
+@pytest.mark.parametrize("num_layers", [4, 5])
+def test_a_grown_model_starts_as_its_source(num_layers):
+    """grow_in_depth spreads the source's layers over the new depth, each followed by zero-branch copies: the
+    grown model computes exactly what its source does (train.grow_in_depth)."""
+    from adatoken.testbed.train import grow_in_depth
+
+    cfg = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, position_hidden=16)
+    source = testbed_model.TestbedModel.create(cfg, seed=3).eval()
+    grown = grow_in_depth(source, TrainConfig(model=dataclasses.replace(cfg, num_layers=num_layers))).eval()
+    assert len(grown.llm.model.layers) == num_layers
+    inputs = source.build_inputs(load_split("test", num_scenes=1)[:2])
+    with torch.no_grad():
+        expected = source.llm(inputs_embeds=inputs["inputs_embeds"], attention_mask=inputs["attention_mask"]).logits
+        logits = grown.llm(inputs_embeds=inputs["inputs_embeds"], attention_mask=inputs["attention_mask"]).logits
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="growing only adds layers"):
+        grow_in_depth(grown, TrainConfig(model=cfg))

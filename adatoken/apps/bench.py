@@ -75,10 +75,13 @@ def build_setup(model, batch: int, spatial: int, text: int, device: str) -> Setu
 
 
 def configurations(methods, retentions) -> dict[str, dict]:
+    """`none`, then every method at every retention; a method may name a variant (`adatoken3d:released`)."""
     configs = {"none": {"method": "none"}}
     for retention in retentions:
-        for method in methods:
-            configs[f"{method}@{retention:g}"] = {"method": method, "retention": retention}
+        for spec in methods:
+            method, _, variant = spec.partition(":")
+            configs[f"{spec}@{retention:g}"] = {"method": method, "retention": retention,
+                                                **({"variant": variant} if variant else {})}
     return configs
 
 
@@ -194,7 +197,9 @@ def summarize(setup: Setup, configs: dict[str, PruneConfig], tokens_in: dict[str
     rows = []
     for name, config in configs.items():
         tokens = tokens_in[name]
-        row = {"config": name, "method": config.method, "retention": config.build().schedule(num_layers).retention,
+        schedule = config.build().schedule(num_layers)
+        row = {"config": name, "method": config.method, "retention": schedule.retention,
+               "final_keep": schedule.final_keep,
                "prefill_flops": flops.prefill_flops(shape, tokens).total,
                "prefill_flops_causal": flops.prefill_flops(shape, tokens, causal=True).total,
                "kv_cache_bytes_analytic": batch * flops.kv_cache_bytes(shape, tokens, bytes_per)}
@@ -277,6 +282,7 @@ def _value(key: str, fmt: str, scale: float = 1.0):
 # header -> how a row shows it ("–" where the row has no such value: no generation, no GPU)
 COLUMNS = {
     "retention": _value("retention", ".3f"),
+    "final keep": _value("final_keep", ".3f"),
     "prefill ms": _value("prefill_s", ".1f", 1e3),
     "prefill speedup": _value("prefill_speedup", ".2f"),
     "FLOPs ratio": _value("flops_ratio", ".2f"),
@@ -290,7 +296,8 @@ COLUMNS = {
     "KV cache MiB": _value("kv_cache_bytes", ".1f", 2 ** -20),
     "peak GiB": _value("peak_memory_bytes", ".2f", 2 ** -30),
 }
-PREFILL_COLUMNS = ("retention", "prefill ms", "prefill speedup", "FLOPs ratio", "speedup / FLOPs", "ranking")
+PREFILL_COLUMNS = ("retention", "final keep", "prefill ms", "prefill speedup", "FLOPs ratio", "speedup / FLOPs",
+                   "ranking")
 
 
 def markdown_table(rows: list[dict], columns=tuple(COLUMNS)) -> str:

@@ -7,11 +7,12 @@ Pure numpy (and scipy for SLSQP, imported on first use); nothing from transforme
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
-from adatoken.core.schedule import Schedule, check_first_layer, exponential_curve
+from adatoken.core.schedule import MIN_KEEP, Schedule, check_first_layer, exponential_curve, lowest_retention
 
 #
 # In eq. 5, alpha and the center L enter only through the amplitude alpha·exp(beta·L), because
@@ -36,6 +37,9 @@ FLOOR_BOUNDS = (-1.0, 1.0)
 MAX_LOG_AMPLITUDE = 30.0
 # Width of the smooth clip used in the budget constraint during the SLSQP fit (see fit_schedule).
 SOFT_CLIP_WIDTH = 0.01
+# An INF whose span across layers is under this share of its largest value is "nearly flat": eq. 6 stretches
+# whatever wiggles it has to [0, 1], and the fit then follows measurement noise (fit_schedule warns).
+FLAT_INF_SPAN = 0.1
 
 
 @dataclass(frozen=True)
@@ -79,12 +83,19 @@ def fit_curve(values, smooth_lambda: float = 1.0, alpha: float = 0.8) -> CurveFi
     return _curve_fit(theta, len(values), alpha, _eq7(theta, values, smooth_lambda)[0])
 
 
-def fit_schedule(inf, num_layers: int, retention: float, smooth_lambda: float = 1.0, first_layer: int = 2,
-                 alpha: float = 0.8) -> Schedule:
-    """AdaToken-3D's schedule: eq. 5 fitted to normalised INF under a global budget (paper § III-C).
+def fit_schedule(inf, num_layers: int, retention: float | None = None, smooth_lambda: float = 1.0,
+                 first_layer: int = 2, alpha: float = 0.8, *, final_keep: float | None = None,
+                 min_keep: float = MIN_KEEP) -> Schedule:
+    """AdaToken-3D's schedule: eq. 5 fitted to normalised INF under a budget (paper § III-C).
 
-    keep(i) = 1 for i < first_layer, else clip(O(i), 0, 1), where O minimises eq. 7 against
-    normalise(inf) subject to mean(keep) == retention. O decays, so keep is non-increasing.
+    keep(i) = 1 for i < first_layer, else clip(O(i), min_keep, 1), where O minimises eq. 7 against
+    normalise(inf) subject to the budget. O decays, so keep is non-increasing. min_keep (default 1 %)
+    keeps every layer from being emptied; 0 allows it.
+
+    The budget is `retention` (mean(keep) == retention, our cross-method axis) or `final_keep` (the last
+    layer keeps that fraction, as the authors' fit pins its curve at a % of the last layer,
+    junkerman2004/Adatoken-3D llava/eval/ATE_inference.py:109-114). For final_keep the shape is fitted
+    without a budget and its floor M moved so that O(last) == final_keep exactly.
 
     The budget is on the clipped schedule, whose mean has kinks wherever O crosses 0 or 1 and is flat
     in the parameters once O is clipped at every free layer; SLSQP's linearised constraint copes badly
@@ -103,30 +114,37 @@ def fit_schedule(inf, num_layers: int, retention: float, smooth_lambda: float = 
     (kept in meta["slsqp"]) and step 3 alone produces the schedule, which is then trivial anyway.
     """
     num_layers = int(num_layers)
+    if (retention is None) == (final_keep is None):
+        raise ValueError("fit_schedule takes one budget: retention or final_keep")
     target = normalize_inf(inf)
     if len(target) != num_layers:
         raise ValueError(f"inf has {len(target)} values but num_layers is {num_layers}: give one INF value per layer")
     check_first_layer(first_layer, num_layers)
-    lowest = first_layer / num_layers
+    if not 0.0 <= min_keep < 1.0:
+        raise ValueError(f"min_keep must be in [0, 1), got {min_keep}")
+    _warn_if_flat(inf)
+    shape = fit_curve(target, smooth_lambda, alpha)
+    if final_keep is not None:
+        return _endpoint_fit(shape, target, num_layers, final_keep, smooth_lambda, first_layer, alpha, min_keep)
+    lowest = lowest_retention(num_layers, first_layer, min_keep)
     if not lowest - 1e-12 <= retention <= 1.0:
         raise ValueError(
             f"retention {retention} is infeasible: with first_layer={first_layer} of {num_layers} layers keeping "
-            f"everything, feasible retentions are [{lowest:.4f}, 1]; lower first_layer to go below {lowest:.4f}"
+            f"everything and the rest at least min_keep={min_keep}, feasible retentions are [{lowest:.4f}, 1]; "
+            f"lower first_layer or min_keep to go below {lowest:.4f}"
         )
     retention = max(float(retention), lowest)
-
-    shape = fit_curve(target, smooth_lambda, alpha)
     free = slice(first_layer, None)
 
-    def soft_budget(theta):
+    def soft_budget(theta):  # the smooth clip to [min_keep, 1]
         x, w = _curve_and_jacobian(theta, num_layers)[0][free], SOFT_CLIP_WIDTH
-        soft = w * (np.logaddexp(0.0, x / w) - np.logaddexp(0.0, (x - 1.0) / w))
+        soft = min_keep + w * (np.logaddexp(0.0, (x - min_keep) / w) - np.logaddexp(0.0, (x - 1.0) / w))
         return (first_layer + soft.sum()) / num_layers - retention
 
     def soft_budget_jac(theta):
         curve, basis = _curve_and_jacobian(theta, num_layers)
         x, w = curve[free], SOFT_CLIP_WIDTH
-        slope = _sigmoid(x / w) - _sigmoid((x - 1.0) / w)
+        slope = _sigmoid((x - min_keep) / w) - _sigmoid((x - 1.0) / w)
         return slope @ basis[free] / num_layers
 
     budget = {"type": "eq", "fun": soft_budget, "jac": soft_budget_jac}
@@ -136,14 +154,14 @@ def fit_schedule(inf, num_layers: int, retention: float, smooth_lambda: float = 
 
     theta = result.x.copy()
     floor_before = theta[2]
-    theta[2] = _floor_for_budget(theta, num_layers, first_layer, retention)
-    keep = _clipped_schedule(theta, num_layers, first_layer)
+    theta[2] = _floor_for_budget(theta, num_layers, first_layer, retention, min_keep)
+    keep = _clipped_schedule(theta, num_layers, first_layer, min_keep)
     curve = _curve_and_jacobian(theta, num_layers)[0]
     fit = _curve_fit(theta, num_layers, alpha, _eq7(theta, target, smooth_lambda)[0])
     meta = {
         "method": "adatoken3d-fit", **fit.to_dict(),
         "rms_residual": float(np.sqrt(np.mean((curve - target) ** 2))),
-        "first_layer": first_layer, "smooth_lambda": smooth_lambda, "alpha_reference": alpha,
+        "first_layer": first_layer, "smooth_lambda": smooth_lambda, "alpha_reference": alpha, "min_keep": min_keep,
         "requested_retention": retention,
         "floor_shift": float(theta[2] - floor_before),
         "slsqp": {"success": bool(result.success), "message": str(result.message), "iterations": int(result.nit)},
@@ -151,6 +169,35 @@ def fit_schedule(inf, num_layers: int, retention: float, smooth_lambda: float = 
         "inf_norm": target.tolist(),
     }
     return Schedule(keep=keep.tolist(), meta=meta)
+
+
+def _endpoint_fit(shape: CurveFit, target: np.ndarray, num_layers: int, final_keep: float, smooth_lambda: float,
+                  first_layer: int, alpha: float, min_keep: float) -> Schedule:
+    if not 0.0 < final_keep <= 1.0:
+        raise ValueError(f"final_keep must be in (0, 1], got {final_keep}")
+    theta = _theta(shape)
+    theta[2] = final_keep - math.exp(theta[0] - theta[1] * (num_layers - 1))
+    keep = _clipped_schedule(theta, num_layers, first_layer, min(min_keep, final_keep))
+    keep[-1] = min(keep[-2], final_keep) if num_layers > 1 else final_keep
+    curve = _curve_and_jacobian(theta, num_layers)[0]
+    fit = _curve_fit(theta, num_layers, alpha, _eq7(theta, target, smooth_lambda)[0])
+    meta = {"method": "adatoken3d-fit", **fit.to_dict(),
+            "rms_residual": float(np.sqrt(np.mean((curve - target) ** 2))),
+            "first_layer": first_layer, "smooth_lambda": smooth_lambda, "alpha_reference": alpha, "min_keep": min_keep,
+            "requested_final_keep": final_keep, "floor_shift": float(theta[2] - shape.floor),
+            "shape_fit": shape.to_dict(), "inf_norm": target.tolist()}
+    return Schedule(keep=keep.tolist(), meta=meta)
+
+
+def _warn_if_flat(inf) -> None:
+    values = np.asarray(inf, dtype=np.float64)
+    top = np.abs(values).max()
+    if top > 0 and (values.max() - values.min()) < FLAT_INF_SPAN * top:
+        warnings.warn(
+            f"the information flow is nearly flat: it spans {(values.max() - values.min()) / top:.1%} of its largest "
+            f"value across layers (under {FLAT_INF_SPAN:.0%}), and eq. 6 stretches that to [0, 1], so the fitted "
+            "curve follows measurement noise rather than a trend. Measure it on more samples (analyze "
+            "--samples), or prune with a fixed budget curve instead of this fit.", UserWarning, stacklevel=3)
 
 
 def _per_layer_curve(values, name: str) -> np.ndarray:
@@ -240,17 +287,17 @@ def _curve_fit(theta, num_layers: int, alpha_reference: float, loss: float) -> C
     return CurveFit(alpha=alpha, beta=beta, center=center, floor=floor, loss=loss)
 
 
-def _clipped_schedule(theta, num_layers: int, first_layer: int) -> np.ndarray:
-    keep = np.clip(_curve_and_jacobian(theta, num_layers)[0], 0.0, 1.0)
+def _clipped_schedule(theta, num_layers: int, first_layer: int, min_keep: float) -> np.ndarray:
+    keep = np.clip(_curve_and_jacobian(theta, num_layers)[0], min_keep, 1.0)
     keep[:first_layer] = 1.0
     return keep
 
 
-def _floor_for_budget(theta, num_layers: int, first_layer: int, retention: float) -> float:
+def _floor_for_budget(theta, num_layers: int, first_layer: int, retention: float, min_keep: float) -> float:
     """The floor M in FLOOR_BOUNDS at which the hard-clipped schedule's mean equals `retention`."""
 
     def mean_keep(floor: float) -> float:
-        return float(_clipped_schedule((theta[0], theta[1], floor), num_layers, first_layer).mean())
+        return float(_clipped_schedule((theta[0], theta[1], floor), num_layers, first_layer, min_keep).mean())
 
     lo, hi = FLOOR_BOUNDS
     if mean_keep(lo) > retention:  # mean_keep(hi) == 1 always: exp(...) + 1 > 1 everywhere

@@ -33,6 +33,10 @@ Definitions (every number is a mean over heads first, then over samples):
     "over 60 % of spatial tokens contribute under 5 %"). Relative to the mean, not to the largest λ,
     so one outlier token cannot make every other token look redundant, and it does not depend on how
     many spatial tokens there are.
+  - the same sentence read as a statement about mass: `low_mass_share[i]` is the largest share of spatial
+    tokens that together receive under 5 % of the spatial λ mass (the bottom tokens, counted up from the
+    least attended); `redundancy_mass` its mean over layers. Both readings are reported beside the paper's
+    sentence, which does not say which one it means.
 """
 from __future__ import annotations
 
@@ -54,7 +58,7 @@ from adatoken.core.runtime import is_pruned
 from adatoken.core.scoring import apply_rope
 
 SYSTEM, SPATIAL, PROMPT, ANSWER = range(len(GROUPS))
-LAMBDA_STATS = ("lambda_mean", "lambda_median", "lambda_max", "top10_share", "redundant_share")
+LAMBDA_STATS = ("lambda_mean", "lambda_median", "lambda_max", "top10_share", "redundant_share", "low_mass_share")
 
 
 @dataclass
@@ -278,14 +282,26 @@ class FlowReport(JsonArtifact):
         """Mean over layers of the share of spatial tokens with λ under the threshold × the mean λ."""
         return float(np.mean(self.redundant_share))
 
+    @property
+    def redundancy_mass(self) -> float | None:
+        """Mean over layers of the largest share of spatial tokens holding under the threshold of the λ mass
+        (None for reports written before it was measured)."""
+        share = self.lambda_stats.get("low_mass_share")
+        return None if share is None else float(np.mean(share))
+
     def table(self) -> str:
         """A per-layer text table for terminals and logs."""
         lines = [f"{'layer':>5} {'S_self':>8} {'S_cross':>8} {'F_3D':>8} {'INF':>8} {'redundant':>9}"]
         for i in range(self.num_layers):
             lines.append(f"{i:>5} {self.s_self[i]:8.4f} {self.s_cross[i]:8.4f} {self.f3d[i]:8.4f} "
                          f"{self.inf[i]:8.4f} {self.redundant_share[i]:9.1%}")
-        lines.append(f"redundancy (mean share of spatial tokens with λ < {self.params.redundancy_threshold:.0%} "
-                     f"of the mean spatial λ): {self.redundancy:.1%} over {self.num_samples} samples")
+        threshold = f"{self.params.redundancy_threshold:.0%}"
+        lines.append(f"redundancy, per token (mean share of spatial tokens with λ < {threshold} of the mean spatial "
+                     f"λ): {self.redundancy:.1%} over {self.num_samples} samples")
+        if self.redundancy_mass is not None:
+            lines.append(f"redundancy, by mass (mean share of spatial tokens that together get < {threshold} of the "
+                         f"spatial λ): {self.redundancy_mass:.1%}")
+        lines.append('the paper: "over 60% of spatial tokens contribute minimally (<<<5%) to the final predictions"')
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -293,7 +309,7 @@ class FlowReport(JsonArtifact):
             "groups": list(GROUPS), "num_layers": self.num_layers,
             "num_samples": self.num_samples, "model": self.model,
             "params": {**asdict(self.params), "alpha": _jsonable(self.params.alpha)},
-            "redundancy": self.redundancy,
+            "redundancy": self.redundancy, "redundancy_mass": self.redundancy_mass,
             "definitions": {
                 "group_attention": "[layer][query group][key group]: attention a query-group token pays to the "
                                    "key group, mean over heads, query tokens and samples; null: group absent",
@@ -302,6 +318,8 @@ class FlowReport(JsonArtifact):
                 "redundant_share": "share of spatial tokens whose lambda is below redundancy_threshold x the "
                                    "mean lambda of the sample's spatial tokens in that layer, mean over samples",
                 "top10_share": "share of the spatial tokens' total lambda held by the top 10% of them",
+                "low_mass_share": "largest share of spatial tokens that together hold under redundancy_threshold of "
+                                  "the sample's spatial lambda mass in that layer, mean over samples",
             },
             "group_tokens": _jsonable(self.group_tokens),
             "group_attention": _jsonable(self.group_attention),
@@ -474,4 +492,12 @@ def _lambda_stats(lam: np.ndarray, threshold: float) -> dict:
     top_mass = np.sort(lam, axis=1)[:, -top:].sum(1)
     return {"lambda_sum": lam.sum(1), "lambda_mean": mean, "lambda_median": np.median(lam, 1), "lambda_max": lam.max(1),
             "top10_share": top_mass / np.maximum(lam.sum(1), 1e-30),
-            "redundant_share": (lam < threshold * mean[:, None]).mean(1)}
+            "redundant_share": (lam < threshold * mean[:, None]).mean(1),
+            "low_mass_share": _low_mass_share(lam, threshold)}
+
+
+def _low_mass_share(lam: np.ndarray, threshold: float) -> np.ndarray:
+    """Per layer, the largest share of tokens whose λ sums to under `threshold` of the total (fewest first)."""
+    cumulative = np.cumsum(np.sort(lam, axis=1), axis=1)
+    total = np.maximum(cumulative[:, -1:], 1e-30)
+    return (cumulative < threshold * total).sum(1) / lam.shape[1]

@@ -40,7 +40,7 @@ BUILTIN_METRICS = {
     "agreement": ("top-1 next token same as unpruned", True),
 }
 DEPTH_FRACTIONS = (1 / 8, 3 / 8, 3 / 4)  # the paper's layers 4, 12 and 24 of LLaVA-3D's 32
-DROP_RATIOS = (0.0, 0.25, 0.5, 0.75, 0.9)
+DROP_RATIOS = (0.0, 0.25, 0.5, 0.6, 0.75, 0.8, 0.9)  # with 0.6 and 0.8, the ratios the paper sweeps (Fig. 2A)
 
 
 @dataclass

@@ -32,6 +32,7 @@ from adatoken.calibration.samples import synthetic_samples
 from adatoken.calibration.sweep import BUILTIN_METRICS, DROP_RATIOS, RANKINGS, sweep
 from adatoken.cli.common import check_device
 from adatoken.core import models
+from adatoken.core.schedule import MIN_KEEP
 
 SYNTHETIC_MODELS = ("tiny-llama", "tiny-qwen2")
 MODELS = ("testbed", *SYNTHETIC_MODELS)
@@ -45,6 +46,7 @@ class Source:
     name: str
     model: nn.Module
     samples: list
+    testbed: object = None  # the TestbedModel around `model`, for --model testbed
 
 
 # FlowParams field -> help of its `adatoken analyze` flag (the default comes from FlowParams)
@@ -79,8 +81,15 @@ def register(subparsers) -> None:
         description="Fit eq. 5 to the report's normalised INF under a mean-retention budget (SLSQP); write a "
                     "schedule JSON for adatoken.prune(model, 'adatoken3d', schedule=PATH).")
     fit_cmd.add_argument("flow", type=Path, help="flow.json written by `adatoken analyze`")
-    fit_cmd.add_argument("--retention", type=float, default=0.4,
-                         help="mean share of spatial tokens kept over layers (default: %(default)s)")
+    budget = fit_cmd.add_mutually_exclusive_group()
+    budget.add_argument("--retention", type=float, default=None,
+                        help="mean share of spatial tokens kept over layers (default: 0.4)")
+    budget.add_argument("--final-keep", type=float, default=None,
+                        help="share kept at the last layer instead: the paper's budget convention (its fit pins the "
+                             "curve at 100 %% and a %%; see docs/method.md)")
+    fit_cmd.add_argument("--min-keep", type=float, default=MIN_KEEP,
+                         help="every layer keeps at least this share (default: %(default)s; 0 lets deep layers "
+                              "drop every spatial token)")
     fit_cmd.add_argument("--first-layer", type=int, default=2,
                          help="layers before it keep every spatial token (default: %(default)s)")
     fit_cmd.add_argument("--smooth-lambda", type=float, default=1.0,
@@ -101,9 +110,10 @@ def register(subparsers) -> None:
     sweep_cmd.add_argument("--ranking", choices=RANKINGS, default="fastv",
                            help="fastv: attention received; pdrop: last instruction token's query · keys "
                                 "(default: %(default)s)")
-    sweep_cmd.add_argument("--metric", choices=tuple(BUILTIN_METRICS), default="kl",
+    sweep_cmd.add_argument("--metric", choices=(*BUILTIN_METRICS, "em"), default="kl",
                            help="kl: KL of the last next-token distribution to the unpruned one; agreement: same "
-                                "top-1 token (default: %(default)s)")
+                                "top-1 token; em: exact match of greedy answers to --num-samples calib questions "
+                                "(--model testbed only: QA accuracy, as the paper's Fig. 2A) (default: %(default)s)")
     sweep_cmd.set_defaults(func=run_sweep)
 
 
@@ -150,7 +160,7 @@ def _testbed_source(count: int, device: str, dtype: torch.dtype) -> Source:
     from adatoken.testbed.calibration import flow_samples
 
     model = testbed.load().to(device=device, dtype=dtype)
-    return Source("testbed", model.llm, flow_samples(model, count))
+    return Source("testbed", model.llm, flow_samples(model, count), testbed=model)
 
 
 # ----- commands ------------------------------------------------------------------------------------
@@ -174,16 +184,22 @@ def run_fit(args) -> int:
     from adatoken.calibration import plots
 
     report = FlowReport.load(args.flow)
-    schedule = fit_schedule(report.inf, report.num_layers, retention=args.retention,
-                            smooth_lambda=args.smooth_lambda, first_layer=args.first_layer)
+    retention = 0.4 if args.retention is None and args.final_keep is None else args.retention
+    schedule = fit_schedule(report.inf, report.num_layers, retention=retention, final_keep=args.final_keep,
+                            smooth_lambda=args.smooth_lambda, first_layer=args.first_layer, min_keep=args.min_keep)
     out = args.out or args.flow.with_name("schedule.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     schedule.save(out)
     figure = plots.plot_information_flow(report, args.plot or out.with_suffix(".png"), schedule)
     meta = schedule.meta
-    print(f"fit: alpha={meta['alpha']:.3f} beta={meta['beta']:.3f} center={meta['center']:.2f} "
-          f"floor={meta['floor']:.3f} rms residual={meta['rms_residual']:.3f}")
-    print("keep per layer:", " ".join(f"{k:.2f}" for k in schedule.keep), f"(mean {schedule.retention:.3f})")
+    print(f"fit of eq. 5, O(i) = alpha * exp(-beta * (i - L)) + M, to the normalised flow "
+          f"(rms residual {meta['rms_residual']:.3f}):")
+    print(f"  alpha = {meta['alpha']:.3f}  amplitude at the centre layer")
+    print(f"  beta  = {meta['beta']:.3f}  decay per layer (the curve falls by e every {1 / meta['beta']:.1f} layers)")
+    print(f"  L     = {meta['center']:.2f}  centre layer")
+    print(f"  M     = {meta['floor']:.3f}  floor the curve decays to (below 0: clipped at min_keep {args.min_keep})")
+    print("keep per layer:", " ".join(f"{k:.2f}" for k in schedule.keep),
+          f"(mean retention {schedule.retention:.3f}, last layer {schedule.final_keep:.3f})")
     print(f"wrote {out}, {figure}")
     print(f"use it: adatoken.prune(model, 'adatoken3d', schedule='{out}')")
     return 0
@@ -193,7 +209,14 @@ def run_sweep(args) -> int:
     from adatoken.calibration import plots
 
     source = load_source(args)
-    result = sweep(source.model, source.samples, metric=args.metric, layers=args.layers,
+    metric = args.metric
+    if metric == "em":
+        if args.model != "testbed" or args.model_path is not None:
+            raise ValueError("--metric em answers testbed questions: use it with --model testbed")
+        from adatoken.testbed.calibration import answer_metric
+
+        metric = answer_metric(source.testbed, args.num_samples)
+    result = sweep(source.model, source.samples, metric=metric, layers=args.layers,
                    drop_ratios=args.drop_ratios, ranking=args.ranking, progress=not args.quiet)
     args.out.mkdir(parents=True, exist_ok=True)
     result.save(args.out / "sweep.json")

@@ -34,6 +34,13 @@ def register(subparsers) -> None:
     train.add_argument("--grounding", type=float, default=None,
                        help="weight of the auxiliary 3D grounding losses, training-only heads that regress object "
                             "positions (see adatoken/testbed/grounding.py; 0: none; default: recipe's)")
+    train.add_argument("--grow-from", default=None, metavar="CHECKPOINT",
+                       help="grow a trained testbed in depth instead of training from scratch: its model folder "
+                            "(see train.grow_in_depth); give the new depth with --layers")
+    train.add_argument("--half-weights", action="store_true",
+                       help="store the LLM's weights as float16 (they load as float32): half the size")
+    train.add_argument("--layers", type=int, default=None, help="decoder layers (default: recipe's)")
+    train.add_argument("--warmup", type=int, default=None, help="linear warm-up steps (default: recipe's)")
     train.add_argument("--checkpoint-every", type=int, default=None, help="steps between resumable checkpoints")
     train.add_argument("--eval-every", type=int, default=None, help="steps between calib accuracy checks (0: never)")
     train.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
@@ -71,16 +78,21 @@ def _positive(name: str, value: int | None) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from adatoken.testbed.train import TrainConfig, train
 
-    for name in ("steps", "batch_size", "per_type", "geometry_per_type", "threads"):
+    for name in ("steps", "batch_size", "per_type", "geometry_per_type", "threads", "layers"):
         _positive("--" + name.replace("_", "-"), getattr(args, name))
     if args.grounding is not None and args.grounding < 0:
         raise SystemExit(f"error: --grounding must be >= 0, got {args.grounding}")
     overrides = {k: getattr(args, k) for k in ("steps", "batch_size", "per_type", "geometry_per_type", "lr",
-                                               "grounding", "checkpoint_every", "eval_every")
+                                               "grounding", "checkpoint_every", "eval_every", "warmup", "grow_from")
                  if getattr(args, k) is not None}
-    cfg = TrainConfig(**overrides, out=args.out, seed=args.seed, threads=args.threads, export=args.export)
+    if args.layers is not None:
+        overrides["model"] = dataclasses.replace(TrainConfig().model, num_layers=args.layers)
+    cfg = TrainConfig(**overrides, out=args.out, seed=args.seed, threads=args.threads, export=args.export,
+                      export_half=args.half_weights)
     train(cfg, progress=not args.quiet)
     print(f"model written to {cfg.export or cfg.out + '/model'}")
     return 0

@@ -95,35 +95,41 @@ class SweepConfig:
 
 def sweep_configs(methods: Sequence[str], retentions: Sequence[float], num_layers: int,
                   schedules: dict[float, Schedule] | None = None) -> list[SweepConfig]:
-    """`none` once, every other method at every retention. adatoken3d uses the fitted schedule of
-    that retention when `schedules` is given (see `load_schedules`), its eq.-5 curve otherwise.
+    """`none` once, every other method at every retention. A method may name a variant, as
+    `adatoken3d:released`. adatoken3d uses the fitted schedule of that retention when `schedules` is
+    given (see `load_schedules`), its eq.-5 curve otherwise; the `random` control always gets the very
+    schedule adatoken3d (variant paper) uses at that retention, so that the two differ only in ranking.
 
     A config the model's depth cannot reach (e.g. FastV at K=2 below retention 2/num_layers) is kept
     as skipped, with the method's own explanation; an invalid name or value raises ValueError.
     """
-    unknown = [m for m in methods if m not in method_names()]
+    unknown = [m for m in methods if m.split(":")[0] not in method_names()]
     if unknown:
-        raise ValueError(f"unknown method(s) {', '.join(map(repr, unknown))}; valid: {', '.join(method_names())}")
+        raise ValueError(f"unknown method(s) {', '.join(map(repr, unknown))}; valid: {', '.join(method_names())} "
+                         "(adatoken3d:paper and adatoken3d:released name its variants)")
     if len(set(methods)) != len(methods) or len(set(retentions)) != len(retentions):
         raise ValueError(f"methods and retentions must not repeat, got {list(methods)} and {list(retentions)}")
     configs = []
-    for method in methods:
+    for spec in methods:
+        method, _, variant = spec.partition(":")
         if method == "none":
             configs.append(SweepConfig("none", None, PruneConfig("none")))
             continue
+        params = {"variant": variant} if variant else {}
         for retention in retentions:
-            if method == "adatoken3d" and schedules is not None:
+            if method in ("adatoken3d", "random") and schedules is not None:
                 schedule = schedules.get(_retention_key(retention))
                 if schedule is None:
                     have = ", ".join(f"{r:g}" for r in sorted(schedules)) or "none"
                     why = f"no fitted schedule for retention {retention:g} (schedules given for: {have})"
-                    configs.append(SweepConfig(method, retention, None, why))
+                    configs.append(SweepConfig(spec, retention, None, why))
                     continue
-                config = PruneConfig(method, schedule=schedule)
+                config = PruneConfig(method, **params, schedule=schedule)
             else:
-                config = PruneConfig(method, retention=retention)
-            configs.append(SweepConfig(method, retention, config, _why_infeasible(config, num_layers)))
+                config = PruneConfig(method, **params, retention=retention)
+            configs.append(SweepConfig(spec, retention, config, _why_infeasible(config, num_layers)))
     return configs
+
 
 
 def _why_infeasible(config: PruneConfig, num_layers: int) -> str | None:

@@ -250,13 +250,18 @@ class TestbedModel(nn.Module):
             ids = ids[: ids.index(self.tokenizer.eos_token_id)]
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
-    def save(self, path: str | os.PathLike, extra: dict | None = None) -> None:
+    def save(self, path: str | os.PathLike, extra: dict | None = None, half: bool = False) -> None:
         """Write the flat checkpoint folder (see module docstring). Files are written to a sibling temporary
-        folder and renamed into place, so a kill never leaves a half-written file behind."""
+        folder and renamed into place, so a kill never leaves a half-written file behind. With `half`, the LLM's
+        weights are stored as float16 (config.json still says float32, and they load as float32)."""
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         self.llm.save_pretrained(tmp)
+        if half:
+            weights = tmp / "model.safetensors"
+            halved = {k: v.half() for k, v in load_file(str(weights)).items()}
+            save_file(halved, str(weights), metadata={"format": "pt"})
         save_file({k: v.contiguous() for k, v in self.encoder.state_dict().items()}, str(tmp / "encoder.safetensors"))
         self.tokenizer.backend_tokenizer.save(str(tmp / "tokenizer.json"))
         meta = {"model": asdict(self.model_config), "spatial": self.spatial_config.to_dict(), **(extra or {})}

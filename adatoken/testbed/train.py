@@ -18,12 +18,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm import tqdm
+from transformers import LlamaForCausalLM
 
 from adatoken.core.artifacts import write_atomic
 from adatoken.eval.metrics import exact_match
 from adatoken.testbed.data import load_split, scene_questions, split_seeds, visible_objects
 from adatoken.testbed.grounding import GROUNDING_HEADS, GroundingHeads, grounding_targets
-from adatoken.testbed.model import ModelConfig, TestbedModel
+from adatoken.testbed.model import ModelConfig, TestbedModel, load
 from adatoken.testbed.questions import DESCRIBE, QUESTION_TYPES, describe
 from adatoken.testbed.scenes import scene_for_seed
 from adatoken.testbed.spatial import SpatialConfig, SpatialTokens, spatial_tokens_for_seed
@@ -62,6 +63,12 @@ class TrainConfig:
     eval_every: int = 500  # steps between greedy-answer accuracy checks on calib scenes (0: never)
     threads: int = 2
     export: str | None = None  # where the final model folder goes; default <out>/model
+    # Grow a trained checkpoint folder in depth instead of training from scratch (see grow_in_depth); the shipped
+    # 32-layer testbed grew from adatoken/testbed/checkpoint-6l.
+    grow_from: str | None = None
+    # Store the LLM's weights as float16 (they load into float32): halves the checkpoint, which a 32-layer testbed
+    # needs to ship under 25 MB. The model train() returns is rounded the same way, so it is the one on disk.
+    export_half: bool = False
     model: ModelConfig = field(default_factory=ModelConfig)
     spatial: SpatialConfig = field(default_factory=SpatialConfig)
 
@@ -81,6 +88,8 @@ def background_kept(cfg: TrainConfig, step: int) -> float:
 
 def curriculum_tokens(cfg: TrainConfig, step: int, tokens: SpatialTokens, rng: np.random.Generator) -> SpatialTokens:
     """The spatial tokens a training dialogue sees at `step`, in voxel order (see TrainConfig)."""
+    if cfg.grow_from is not None or step >= cfg.curriculum_hold + cfg.curriculum_ramp:
+        return tokens  # a grown model starts from one that reads complete scenes
     keep = background_kept(cfg, step)
     if keep >= 1.0:
         return tokens
@@ -125,6 +134,51 @@ def training_batch(model: TestbedModel, cfg: TrainConfig, step: int) -> dict[str
     return batch
 
 
+def grown_layer_starts(depth: int, num_layers: int) -> list[int]:
+    """Where each of a `depth`-layer model's layers lands in its `num_layers`-deep growth (spread evenly)."""
+    return [i * num_layers // depth for i in range(depth)]
+
+
+@torch.no_grad()
+def grow_in_depth(source: TestbedModel, cfg: TrainConfig) -> TestbedModel:
+    """`source` deepened to cfg.model.num_layers: its layers spread evenly over the new depth
+    (grown_layer_starts), each followed by new layers that start as copies of it whose residual branches
+    (o_proj, down_proj) are zero, so the grown model computes exactly what `source` does until training gives
+    the new layers something to add.
+
+    Why grow rather than train deep from scratch: a from-scratch model's plateau before its attention finds the
+    tokens a question names lengthens with depth (copy_heads' docstring: 12 and 24 layers had not left chance
+    when 6 had), and a step costs depth-fold more, so a 32-layer model trained like the 6-layer one would need
+    several times the 2-hour CPU budget. The encoder and the vocabulary are the source's."""
+    depth, num_layers = source.model_config.num_layers, cfg.model.num_layers
+    if num_layers < depth:
+        raise ValueError(f"cannot grow a {depth}-layer testbed to {num_layers} layers: growing only adds layers")
+    for name in ("hidden_size", "num_heads", "intermediate_size", "position_hidden", "position_frequencies",
+                 "tie_embeddings", "rope_theta"):
+        if getattr(cfg.model, name) != getattr(source.model_config, name):
+            raise ValueError(f"growing keeps every setting but the depth: model.{name} is "
+                             f"{getattr(cfg.model, name)} here and {getattr(source.model_config, name)} in the source")
+    if cfg.spatial != source.spatial_config:
+        raise ValueError("growing keeps the source's spatial settings; give the same SpatialConfig")
+    starts = grown_layer_starts(depth, num_layers) + [num_layers]
+    torch.manual_seed(cfg.seed)
+    llm = LlamaForCausalLM(cfg.model.llama_config(source.tokenizer))
+    prefix = "model.layers."
+    state = source.llm.state_dict()
+    grown = {k: v for k, v in state.items() if not k.startswith(prefix)}
+    for key, value in state.items():
+        if key.startswith(prefix):
+            index, rest = key[len(prefix):].split(".", 1)
+            first, end = starts[int(index)], starts[int(index) + 1]
+            for position in range(first, end):
+                zero = position > first and rest in ("self_attn.o_proj.weight", "mlp.down_proj.weight")
+                grown[f"{prefix}{position}.{rest}"] = torch.zeros_like(value) if zero else value.clone()
+    llm.load_state_dict(grown, strict=not cfg.model.tie_embeddings)  # a tied head has no key of its own
+    if cfg.model.tie_embeddings:
+        llm.tie_weights()
+    return TestbedModel(llm, source.encoder, source.tokenizer, cfg.model, source.spatial_config)
+
+
 def _atomic_save(obj, path: Path) -> None:
     write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
@@ -134,7 +188,7 @@ def _resume(model: TestbedModel, heads: GroundingHeads, optimizer: torch.optim.O
     if not state_path.is_file():
         return 0, []
     state = torch.load(state_path, weights_only=False)
-    not_recipe = ("threads", "eval_every", "export", "out")  # settings that do not change the weights
+    not_recipe = ("threads", "eval_every", "export", "out", "export_half")  # settings that do not change training
     saved = {k: v for k, v in state["config"].items() if k not in not_recipe}
     wanted = {k: v for k, v in asdict(cfg).items() if k not in not_recipe}
     if saved != wanted:
@@ -170,8 +224,16 @@ def train(cfg: TrainConfig, progress: bool = True) -> TestbedModel:
 def _train(cfg: TrainConfig, progress: bool) -> TestbedModel:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    model = TestbedModel.create(cfg.model, cfg.spatial, seed=cfg.seed).train()
-    heads = GroundingHeads(cfg.model.hidden_size, cfg.model.num_layers, *cfg.grounding_layers)  # not in the model
+    grounding_layers = cfg.grounding_layers
+    if cfg.grow_from is None:
+        model = TestbedModel.create(cfg.model, cfg.spatial, seed=cfg.seed).train()
+    else:
+        source = load(cfg.grow_from)
+        model = grow_in_depth(source, cfg).train()
+        # grounding_layers are the source's hidden_states indices: moved to where its layers now start
+        starts = grown_layer_starts(source.model_config.num_layers, cfg.model.num_layers) + [cfg.model.num_layers]
+        grounding_layers = tuple(starts[h] for h in cfg.grounding_layers)
+    heads = GroundingHeads(cfg.model.hidden_size, cfg.model.num_layers, *grounding_layers)  # not in the model
     parameters = [*model.named_parameters(), *heads.named_parameters()]
     decay = [p for n, p in parameters if p.dim() >= 2 and "embed" not in n]
     no_decay = [p for n, p in parameters if p.dim() < 2 or "embed" in n]
@@ -216,6 +278,10 @@ def _train(cfg: TrainConfig, progress: bool) -> TestbedModel:
     model.eval()
     info = {"train": {"steps": cfg.steps, "seed": cfg.seed, "batch_size": cfg.batch_size, "per_type": cfg.per_type,
                       "geometry_per_type": cfg.geometry_per_type, "lr": cfg.lr, "grounding": cfg.grounding,
-                      "final_loss_smoothed": smoothed}}
-    model.save(cfg.export or out / "model", extra=info)
+                      "grow_from": cfg.grow_from, "final_loss_smoothed": smoothed}}
+    if cfg.export_half:
+        with torch.no_grad():
+            for parameter in model.llm.parameters():
+                parameter.copy_(parameter.half().float())
+    model.save(cfg.export or out / "model", extra=info, half=cfg.export_half)
     return model
