@@ -15,7 +15,7 @@ def register(subparsers) -> None:
     parser.add_argument("--checkpoint", help="testbed checkpoint folder (default: the one shipped in the package)")
     parser.add_argument("--out", default="report", help="report folder; also holds every stage's results "
                                                         "(default: %(default)s)")
-    parser.add_argument("--questions", type=int, default=200,
+    parser.add_argument("--questions", type=int, default=60,
                         help="test questions to evaluate: a fixed, seeded subset of the test split "
                              "(default: %(default)s)")
     parser.add_argument("--calib-questions", type=int, default=32,
