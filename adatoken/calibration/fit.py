@@ -178,7 +178,7 @@ def _endpoint_fit(shape: CurveFit, target: np.ndarray, num_layers: int, final_ke
     theta = _theta(shape)
     theta[2] = final_keep - math.exp(theta[0] - theta[1] * (num_layers - 1))
     keep = _clipped_schedule(theta, num_layers, first_layer, min(min_keep, final_keep))
-    keep[-1] = min(keep[-2], final_keep) if num_layers > 1 else final_keep
+    keep[-1] = min(keep[-2], final_keep)  # exact, not up to rounding (inf has at least 2 layers)
     curve = _curve_and_jacobian(theta, num_layers)[0]
     fit = _curve_fit(theta, num_layers, alpha, _eq7(theta, target, smooth_lambda)[0])
     meta = {"method": "adatoken3d-fit", **fit.to_dict(),
@@ -196,8 +196,8 @@ def _warn_if_flat(inf) -> None:
         warnings.warn(
             f"the information flow is nearly flat: it spans {(values.max() - values.min()) / top:.1%} of its largest "
             f"value across layers (under {FLAT_INF_SPAN:.0%}), and eq. 6 stretches that to [0, 1], so the fitted "
-            "curve follows measurement noise rather than a trend. Measure it on more samples (analyze "
-            "--samples), or prune with a fixed budget curve instead of this fit.", UserWarning, stacklevel=3)
+            "curve follows measurement noise rather than a trend. Measure it on more samples (adatoken analyze "
+            "--num-samples), or prune with a fixed budget curve instead of this fit.", UserWarning, stacklevel=3)
 
 
 def _per_layer_curve(values, name: str) -> np.ndarray:

@@ -43,7 +43,9 @@ def register(subparsers) -> None:
     what.add_argument("--limit", type=int, help="evaluate a fixed subset: the first N questions of a seeded shuffle")
     what.add_argument("--seed", type=int, default=0, help="seed of the --limit shuffle (default: 0)")
     sweep = parser.add_argument_group("sweep")
-    sweep.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, help=f"default: {' '.join(DEFAULT_METHODS)}")
+    sweep.add_argument("--methods", nargs="+", default=DEFAULT_METHODS,
+                       help="methods, a variant after a colon (adatoken3d:released); "
+                            f"default: {' '.join(DEFAULT_METHODS)}")
     sweep.add_argument("--retentions", nargs="+", type=float, default=DEFAULT_RETENTIONS,
                        help="mean spatial retentions over layers (default: 0.1 0.2 0.4)")
     sweep.add_argument("--schedule", nargs="+", metavar="DIR_OR_FILE",
