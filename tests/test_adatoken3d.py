@@ -62,3 +62,10 @@ def test_eval_gives_the_random_control_adatoken3ds_schedule(tmp_path):
     keep = [c.prune.build().schedule(12).keep for c in generic.values()]
     assert keep[0] == keep[1]
     assert configs["adatoken3d:released@0.4"].prune.params.variant == "released"
+
+
+@pytest.mark.parametrize("params", [{"variant": "released", "alpha": 1.0}, {"final_keep": 0.2, "floor": 0.1},
+                                    {"schedule": endpoint_schedule(12, 0.3), "min_keep": 0.0}])
+def test_options_a_budget_would_ignore_are_refused(params):
+    with pytest.raises(ValueError, match="adatoken3d ignores"):
+        adatoken.PruneConfig("adatoken3d", **params)

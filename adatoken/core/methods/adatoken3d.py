@@ -38,6 +38,7 @@ from adatoken.core.schedule import (
 )
 
 VARIANTS = ("paper", "released")
+_DEFAULTS = {"alpha": 0.8, "center": None, "floor": 0.0, "min_keep": MIN_KEEP}
 # The stage layers of the authors' inference script for LLaVA-3D's 32 layers (ATE_inference.py:366).
 RELEASED_STAGES_32 = (4, 8, 12, 16, 18, 20, 22, 24, 26, 28)
 
@@ -80,6 +81,13 @@ class AdaToken3D(Method):
             elif self.schedule is not None and not isinstance(self.schedule, Schedule):
                 raise ValueError("schedule must be a Schedule or a path to a schedule JSON, "
                                  f"got {type(self.schedule).__name__}")
+            curve_options = ("alpha", "center", "floor", "min_keep")  # shape the generic retention curve only
+            unused = [name for name in curve_options if getattr(self, name) != _DEFAULTS[name]
+                      and (self.variant == "released" or self.final_keep is not None or self.schedule is not None)]
+            if unused:
+                raise ValueError(f"adatoken3d ignores {', '.join(unused)} here: they shape the generic curve of "
+                                 "variant='paper' with a retention budget, not a fitted schedule, a final_keep budget "
+                                 "(whose curve is fixed by its two ends and beta) or the released variant")
             if self.stages is not None:
                 stages = tuple(self.stages)
                 if not stages or any(isinstance(x, bool) or not isinstance(x, int) for x in stages) \
