@@ -78,6 +78,11 @@ class Method:
         raise NotImplementedError
 
 
+def floored_counts(schedule: Schedule, num_spatial: int) -> list[int]:
+    """PyramidDrop's count rule (modeling_llama_pdrop.py:1306-1307): int(N · keep), floored, of the original N."""
+    return [int(num_spatial * keep) for keep in schedule.keep]
+
+
 def method_names() -> list[str]:
     return sorted(METHODS)
 

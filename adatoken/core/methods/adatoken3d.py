@@ -18,13 +18,15 @@ Budgets: `retention` (the mean fraction over layers, our cross-method axis) or `
 at the last layer: the authors' fit pins its curve at 100 % and a %, ATE_inference.py:109-114, so the
 paper's Table II "ratio" most likely reads this way), or a fitted `schedule`.
 """
+import dataclasses
 import warnings
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
-from adatoken.core.methods import Method, RankContext, check_choice, check_fraction, register
+from adatoken.core.methods import Method, RankContext, check_choice, check_fraction, floored_counts, register
 from adatoken.core.methods.fastv import attention_score
 from adatoken.core.methods.pdrop import query_key_score
 from adatoken.core.schedule import (
@@ -38,9 +40,16 @@ from adatoken.core.schedule import (
 )
 
 VARIANTS = ("paper", "released")
-_DEFAULTS = {"alpha": 0.8, "center": None, "floor": 0.0, "min_keep": MIN_KEEP}
 # The stage layers of the authors' inference script for LLaVA-3D's 32 layers (ATE_inference.py:366).
 RELEASED_STAGES_32 = (4, 8, 12, 16, 18, 20, 22, 24, 26, 28)
+
+
+@lru_cache(maxsize=256)
+def _uncalibrated_released_curve(num_layers: int, final_keep: float) -> tuple[float, ...]:
+    """The script's fit to its all-zero contribution: a pure function of the budget, cached because a schedule
+    is asked for at every prune, feasibility check and report, and a retention budget bisects over ~40 fits."""
+    params = released_fit(np.zeros(num_layers - 1), final_keep, num_layers)[0]
+    return tuple(released_keep(params, num_layers, final_keep))
 
 
 def released_stages(num_layers: int) -> tuple[int, ...]:
@@ -82,7 +91,8 @@ class AdaToken3D(Method):
                 raise ValueError("schedule must be a Schedule or a path to a schedule JSON, "
                                  f"got {type(self.schedule).__name__}")
             curve_options = ("alpha", "center", "floor", "min_keep")  # shape the generic retention curve only
-            unused = [name for name in curve_options if getattr(self, name) != _DEFAULTS[name]
+            defaults = {f.name: f.default for f in dataclasses.fields(self)}
+            unused = [name for name in curve_options if getattr(self, name) != defaults[name]
                       and (self.variant == "released" or self.final_keep is not None or self.schedule is not None)]
             if unused:
                 raise ValueError(f"adatoken3d ignores {', '.join(unused)} here: they shape the generic curve of "
@@ -136,8 +146,7 @@ class AdaToken3D(Method):
         c = self.config
 
         def curve(final_keep: float) -> list[float]:
-            return released_keep(released_fit(np.zeros(num_layers - 1), final_keep, num_layers)[0], num_layers,
-                                 final_keep)
+            return list(_uncalibrated_released_curve(num_layers, final_keep))
 
         if c.final_keep is not None:
             return curve(c.final_keep)
@@ -162,8 +171,8 @@ class AdaToken3D(Method):
             "then prune with schedule=<the fitted JSON>.", UserWarning, stacklevel=4)
 
     def counts(self, schedule: Schedule, num_spatial: int) -> list[int]:
-        if self.released:  # PyramidDrop's machinery: floored, of the original count
-            return [int(num_spatial * keep) for keep in schedule.keep]
+        if self.released:  # PyramidDrop's machinery
+            return floored_counts(schedule, num_spatial)
         return schedule.counts(num_spatial)
 
     def score(self, ctx: RankContext):

@@ -22,7 +22,15 @@ from dataclasses import dataclass
 import torch
 
 from adatoken.core import scoring
-from adatoken.core.methods import Method, RankContext, check_choice, check_layer, one_budget, register
+from adatoken.core.methods import (
+    Method,
+    RankContext,
+    check_choice,
+    check_layer,
+    floored_counts,
+    one_budget,
+    register,
+)
 from adatoken.core.methods.fastv import attention_score
 from adatoken.core.schedule import Schedule
 
@@ -57,7 +65,7 @@ class PyramidDrop(Method):
         self.renumbers_positions = config.positions == "renumbered"
 
     def counts(self, schedule: Schedule, num_spatial: int) -> list[int]:
-        return [int(num_spatial * keep) for keep in schedule.keep]  # floored, of the original count
+        return floored_counts(schedule, num_spatial)
 
     def stage_layers(self, num_layers: int) -> tuple[int, ...]:
         layers = self.config.layers or tuple(sorted({max(1, round(num_layers * f)) for f in (0.25, 0.5, 0.75)}))
