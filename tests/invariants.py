@@ -22,7 +22,8 @@ from adatoken.core.methods import METHODS
 # Every registered method at a setting that keeps every spatial token: the model must compute what it
 # computes unpruned.
 KEEP_ALL = [("none", {}), ("fastv", {"drop_ratio": 0.0}), ("pdrop", {"ratio": 1.0}),
-            ("adatoken3d", {"retention": 1.0}), ("random", {"retention": 1.0})]
+            ("adatoken3d", {"retention": 1.0}), ("random", {"retention": 1.0}), ("dart", {"keep": 1.0}),
+            ("divprune", {"ratio": 1.0}), ("coverage", {"retention": 1.0})]
 
 # Every pruning method at a setting that prunes a 6-layer decoder: method -> its parameters.
 PRUNING = {
@@ -30,22 +31,25 @@ PRUNING = {
     "pdrop": {"layers": (2, 3, 4), "ratio": 0.5},
     "adatoken3d": {"retention": 0.5},
     "random": {"retention": 0.5, "seed": 3},
+    "dart": {"layer": 2, "keep": 0.5, "image_pivots": 2, "text_pivots": 2},
+    "divprune": {"ratio": 0.3},
+    "coverage": {"retention": 0.5},
 }
 
 # Which pruning method each family's counts test runs (tests/test_families.py), one per family and each
-# method on at least two families, written out so that a new method or family adds a row and never
+# method on at least one family, written out so that a new method or family adds a row and never
 # moves the others. test_runtime.py runs every method on LLaMA, and tests_legacy/ every method on
 # LLaVA-3D's `llava_llama`.
 FAMILY_METHOD = {
     "llama": "fastv",
     "qwen2": "pdrop",
     "mistral": "adatoken3d",
-    "llava": "random",
-    "llava_next": "fastv",
-    "llava_onevision": "pdrop",
+    "llava": "coverage",
+    "llava_next": "dart",
+    "llava_onevision": "divprune",
     "qwen2_vl": "adatoken3d",
     "qwen2_5_vl": "random",
-    "qwen3": "fastv",
+    "qwen3": "dart",
 }
 
 
@@ -96,6 +100,14 @@ def check_counts(model, method: str, params: dict, num_spatial: int, length: int
     assert [layer[0] for layer in stats.tokens_in] == [length - num_spatial + n for n in expected]
 
 
+def grid_points(spatial: torch.Tensor) -> torch.Tensor:
+    """[B, S, 3] a 3D point for each spatial token of a [B, S] mask (by its index among its row's spatial tokens:
+    a 7 x 5 grid of columns, stacked, 0.5 apart), zero elsewhere: what `coverage` selects by."""
+    ordinal = (spatial.long().cumsum(1) - 1).clamp(min=0)
+    points = torch.stack((ordinal % 7, ordinal // 7 % 5, ordinal // 35), dim=-1).float() * 0.5
+    return points * spatial[..., None]
+
+
 def greedy_without_cache(model, extend: Callable[[list[int]], tuple[dict, torch.Tensor]], prompt_length: int,
                          steps: int, banned: Sequence[int] = ()) -> list[int]:
     """Greedy decoding by recomputation: each step one uncached pruned forward of the prompt and the tokens
@@ -104,7 +116,8 @@ def greedy_without_cache(model, extend: Callable[[list[int]], tuple[dict, torch.
     tokens = []
     for _ in range(steps):
         kwargs, spatial = extend(tokens)
-        with torch.no_grad(), adatoken.spatial_tokens(model, spatial, query_index=prompt_length - 1):
+        with torch.no_grad(), adatoken.spatial_tokens(model, spatial, query_index=prompt_length - 1,
+                                                      points=grid_points(spatial)):
             logits = model(**kwargs, use_cache=False).logits[0, -1]
         if banned:
             logits = logits.index_fill(0, torch.tensor(list(banned)), float("-inf"))

@@ -1,10 +1,13 @@
-"""Literal re-implementations of FastV and PyramidDrop as released, for the fidelity tests (issue 17, item 2).
+"""Literal re-implementations of FastV, PyramidDrop, DART and DivPrune as released, for the fidelity tests (issue 17).
 
 Written here from the released code (read, not copied), on a transformers-5 `LlamaForCausalLM` (eager or sdpa,
 batch 1, no padding): each function runs the decoder layer by layer itself. Cited as
   [FV]  pkunlp-icler/FastV@d1659729 src/transformers/src/transformers/models/llama/modeling_llama.py
   [FVh] pkunlp-icler/FastV@d1659729 src/FastV/llava-hf/transformers/src/transformers/models/llama/modeling_llama.py
   [PD]  Cooperx521/PyramidDrop@6444f304 llava/model/modeling_llama_pdrop.py
+  [DA]  ZichenWen1/DART@5a19452f llava/model/language_model/modeling_llama_self.py (read in the fork
+        xqy1111111/DART, whose later commits touch only scripts/classification and experiments)
+  [DP]  vbdi/divprune@799e2d95 LLaVA/llava/model/llava_arch.py
 
 Details of the released code that are ambiguous or easy to get wrong:
 FastV (in-place branch, [FV]:729-760)
@@ -42,6 +45,21 @@ PyramidDrop (pdrop_forward [PD]:1106-1288, pdrop_rank_drop [PD]:1291-1465)
   ([PD]:1163, set by llava/model/builder.py:46-47), i.e. causal over the new length, as used here.
 - Sequences are cut to tokenizer_model_max_length (default 2048) after a drop ([PD]:1419-1423); only the first
   image's position is used (llava_arch.py:421).
+DART ([DA]:337-369 and get_retained_image_token :396-447)
+- Before layer K runs (`layer_idx == K`, :337), from what layer K-1 returned: its output through the model's FINAL
+  norm (:340-341) and its key states (`layer_outputs[-2]`, :342; appended by the decoder layer at :993), which the
+  sdpa attention returns after RoPE and after repeat_kv (:875, 881); heads are concatenated per token (:419).
+- per-pivot count TOKEN_TOPK = ceil(max_num_trunction // (pivots)) (:409), a floor since // comes first; pivots
+  are the top-L1-norm keys among the image span and among everything after it (:421-428).
+- The pivot loop runs over `list(indices_set)`, a Python set's iteration order (:433), and every pool is a set
+  turned into a list (:431, 443); each pivot takes the topk of NEGATIVE cosine similarity (:436-437). Text pivots
+  are removed at the end, their picks stay (:445); the result is concatenated with the text and sorted (:351-353).
+- Kept tokens keep their original positions (:359); the mask is cut to the new length (:357-358). Batch 1 (:313).
+DivPrune ([DP]:147-171, 352-386)
+- On the projected image features as the LLM receives them (:374), before the LLM: K = int(round(ratio * N))
+  (:153); distances 1 - cos (:147-150, 158); pick 0 = argmax of each column's second-smallest distance (:165),
+  pick i = argmax of the column minimum over the picked rows (:162, 167); sorted back (:379) and gathered
+  (:381); the shortened sequence runs from position 0 (position_ids None in generate, :349-350).
 """
 from __future__ import annotations
 
@@ -161,3 +179,78 @@ def pdrop_decode_positions(total_len: int, N: int, layer_list, ratio_list, num_l
             stage = layer_list.index(layer_idx + 1)
             position -= int(N * ratio_list[stage]) - int(N * ratio_list[stage + 1])
     return positions
+
+
+@torch.no_grad()
+def dart_reference(model, inputs_embeds, image_start: int, image_len: int, K: int, max_num_trunction: int,
+                   pivot_image_token: int = 4, pivot_text_token: int = 4):
+    """DART's prefill ([DA]:337-369, 396-447): returns (kept ORIGINAL image positions, sorted; logits [vocab]
+    at the last position)."""
+    lm = model.model
+    h = inputs_embeds
+    length = h.shape[1]
+    pos = torch.arange(length)[None]
+    mask = _causal_mask(length, h.dtype)
+    kept = list(range(image_start, image_start + image_len))
+    key_states = None  # plays the role of layer_outputs[-2]: the previous layer's keys
+    for idx, layer in enumerate(lm.layers):
+        if idx == K:
+            last_layer_state = lm.norm(h)  # :340-341
+            k = key_states.permute(0, 2, 1, 3).reshape(1, length, -1)  # :419
+            k_image = k[0][image_start:image_start + image_len]  # :421
+            k_query = k[0][image_start + image_len:]  # :422
+            top_k = math.ceil(max_num_trunction // (pivot_image_token + pivot_text_token))  # :409
+            image_indices = (torch.norm(k_image, p=1, dim=-1).topk(pivot_image_token).indices + image_start).tolist()
+            query_indices = (torch.norm(k_query, p=1, dim=-1).topk(pivot_text_token).indices
+                             + image_start + image_len).tolist()
+            indices_set = set(image_indices + query_indices)  # :429
+            valid_indices = set(range(image_start, image_start + image_len)) - set(image_indices)  # :431
+            valid_list = list(valid_indices)
+            for item in list(indices_set):  # :433
+                similarity = -torch.nn.functional.cosine_similarity(last_layer_state[0][item, :],
+                                                                     last_layer_state[0][valid_list, :], dim=-1)
+                real = [valid_list[i] for i in similarity.topk(top_k).indices]  # :437-439
+                indices_set.update(real)
+                valid_indices.difference_update(real)
+                valid_list = list(valid_indices)
+            indices_set.difference_update(query_indices)  # :445
+            retained = torch.tensor(list(indices_set))
+            keep = torch.cat((torch.arange(image_start), retained, torch.arange(image_start + image_len, length)))
+            keep = keep.sort().values  # :351-353
+            h = h[:, keep]
+            pos = keep[None]  # original positions (:359)
+            mask = _causal_mask(len(keep), h.dtype)  # :357-358
+            kept = sorted(retained.tolist())
+        cos, sin = lm.rotary_emb(h, pos)
+        if idx == K - 1:  # the keys this layer's attention returns: projected, rotated, repeated (:864-881)
+            attn = layer.self_attn
+            x = layer.input_layernorm(h)
+            k = attn.k_proj(x).view(1, x.shape[1], -1, attn.head_dim).transpose(1, 2)
+            k = _rotate(k, cos[:, None], sin[:, None])
+            groups = model.config.num_attention_heads // model.config.num_key_value_heads
+            key_states = k.repeat_interleave(groups, dim=1)
+        h = _run_layer(layer, h, mask, pos, cos, sin)
+    logits = model.lm_head(lm.norm(h))[0, -1]
+    return kept, logits
+
+
+@torch.no_grad()
+def divprune_reference(model, inputs_embeds, image_start: int, image_len: int, ratio: float):
+    """DivPrune before the LLM ([DP]:147-171, 352-386): returns (kept ORIGINAL image positions, sorted; logits
+    [vocab] at the last position of the shortened sequence, run from position 0)."""
+    features = inputs_embeds[0][image_start:image_start + image_len]  # :374
+    threshold_terms = int(round(ratio * image_len))  # :153
+    unit = features / features.norm(dim=1, keepdim=True)  # :147-150
+    cosine_matrix = 1.0 - unit @ unit.t()
+    s = torch.empty(threshold_terms, dtype=torch.long)
+    for i in range(threshold_terms):  # :159-170
+        if i == 0:
+            scores = torch.topk(cosine_matrix, 2, dim=0, largest=False).values[1, :]
+        else:
+            scores = torch.min(cosine_matrix[s[:i]], dim=0).values
+        s[i] = torch.argmax(scores)
+    length = inputs_embeds.shape[1]
+    keep = torch.cat((torch.arange(image_start), s + image_start, torch.arange(image_start + image_len, length)))
+    keep = keep.sort().values  # :377-379
+    logits = model(inputs_embeds=inputs_embeds[:, keep]).logits[0, -1]  # positions 0..n-1
+    return sorted((s + image_start).tolist()), logits

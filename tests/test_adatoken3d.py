@@ -7,7 +7,7 @@ import pytest
 import adatoken
 from adatoken.calibration.fit import fit_schedule
 from adatoken.core.schedule import endpoint_schedule
-from adatoken.eval.runner import sweep_configs
+from adatoken.eval.runner import load_schedules, sweep_configs
 
 
 @pytest.mark.parametrize("final_keep", [0.1, 0.2, 0.4])
@@ -62,6 +62,28 @@ def test_eval_gives_the_random_control_adatoken3ds_schedule(tmp_path):
     keep = [c.prune.build().schedule(12).keep for c in generic.values()]
     assert keep[0] == keep[1]
     assert configs["adatoken3d:released@0.4"].prune.params.variant == "released"
+
+
+def test_eval_final_keep_budget_runs_every_method_at_adatoken3ds_cost(tmp_path):
+    configs = {c.key: c for c in sweep_configs(["none", "fastv", "random", "adatoken3d", "adatoken3d:released"],
+                                               [0.1], 32, budget="final_keep")}
+    assert list(configs) == ["none", "fastv@final0.1", "random@final0.1", "adatoken3d@final0.1",
+                             "adatoken3d:released@final0.1"]
+    ours = configs["adatoken3d@final0.1"].prune.build().schedule(32)
+    assert ours.keep[-1] == pytest.approx(0.1, abs=1e-6) and configs["adatoken3d@final0.1"].label == "final 0.1"
+    assert configs["random@final0.1"].prune.build().schedule(32).keep == ours.keep
+    assert configs["fastv@final0.1"].prune.params.retention == pytest.approx(ours.retention, abs=1e-4)
+    assert configs["adatoken3d:released@final0.1"].prune.build().schedule(32).keep[-1] == pytest.approx(0.1, abs=0.01)
+
+    fitted = fit_schedule(np.exp(-0.1 * np.arange(32)), 32, final_keep=0.2)
+    fitted.save(tmp_path / "fit.json")
+    schedules = load_schedules([tmp_path], budget="final_keep")
+    assert list(schedules) == [0.2]
+    configs = {c.key: c for c in sweep_configs(["pdrop", "adatoken3d"], [0.2, 0.4], 32, schedules, "final_keep")}
+    assert configs["adatoken3d@final0.2"].prune.params.schedule is schedules[0.2]
+    assert configs["pdrop@final0.2"].prune.params.retention == pytest.approx(fitted.retention, abs=1e-4)
+    assert configs["pdrop@final0.4"].skipped == configs["adatoken3d@final0.4"].skipped \
+        == "no fitted schedule for final_keep 0.4 (schedules given for: 0.2)"
 
 
 @pytest.mark.parametrize("params", [{"variant": "released", "alpha": 1.0}, {"final_keep": 0.2, "floor": 0.1},

@@ -191,7 +191,7 @@ def test_sweep_configs_skip_infeasible_and_match_schedules(tmp_path):
     fitted = sweep_configs(["adatoken3d"], [0.3, 0.4], num_layers=8, schedules=schedules)
     assert "no fitted schedule for retention 0.3 (schedules given for: 0.4)" == fitted[0].skipped
     assert fitted[1].skipped is None and fitted[1].prune.params.schedule.keep == schedules[0.4].keep
-    with pytest.raises(ValueError, match="valid: adatoken3d, fastv"):
+    with pytest.raises(ValueError, match="valid: adatoken3d, coverage, dart, divprune, fastv"):
         sweep_configs(["fastvv"], [0.4], num_layers=8)
 
 

@@ -80,9 +80,9 @@ def test_keep_all_equals_unpruned(family, attn):
     check_keep_all(model, lambda: forward(model, family, kwargs).logits)
 
 
-def test_every_family_counts_with_a_method_and_every_method_on_two_families():
+def test_every_family_counts_with_a_method_and_every_method_on_a_family():
     assert set(FAMILY_METHOD) == set(CORE_FAMILIES + FAMILIES)
-    assert all(list(FAMILY_METHOD.values()).count(method) >= 2 for method in PRUNING)
+    assert all(method in FAMILY_METHOD.values() for method in PRUNING)
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])

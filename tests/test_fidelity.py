@@ -1,13 +1,21 @@
-"""`fastv` and `pdrop` select exactly what FastV's and PyramidDrop's released code selects: the kept tokens at
-every stage and the last position's logits, against the literal re-implementations in reference_baselines.py
-(batch 1, eager, fp32), on tiny LLaMAs with peaked attention and on the shipped testbed."""
+"""`fastv`, `pdrop`, `dart` and `divprune` select exactly what FastV's, PyramidDrop's, DART's and DivPrune's released
+code selects: the kept tokens at every stage and the last position's logits, against the literal re-implementations
+in reference_baselines.py (batch 1, eager, fp32), on tiny LLaMAs with peaked attention and on the shipped testbed.
+DivPrune drops before the LLM; here it drops from layer 1 (the runtime keeps layer 0 whole): the kept set is the
+same, and the logits differ by what the kept tokens' layer 0 saw of the dropped ones (measured, not asserted)."""
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import adatoken
 from adatoken.core import models
-from reference_baselines import fastv_reference, pdrop_decode_positions, pdrop_reference
+from reference_baselines import (
+    dart_reference,
+    divprune_reference,
+    fastv_reference,
+    pdrop_decode_positions,
+    pdrop_reference,
+)
 from tiny_models import make_prompt
 from tiny_models import model_inputs as tiny_inputs
 
@@ -126,3 +134,47 @@ def test_adatoken3d_released_equals_pyramiddrop_machinery(seed):
     kept, logits = run_ours(model, embeds, spatial, "adatoken3d", variant="released", stages=(2, 3, 4), final_keep=0.2)
     assert [kept[layer][0] for layer in (2, 3, 4)] == expected
     torch.testing.assert_close(logits, expected_logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("kv_heads,keep", [(4, 0.5), (2, 0.3)])
+def test_dart_equals_the_released_selection(seed, kv_heads, keep):
+    model, embeds, spatial = peaked_llama(seed, kv_heads)
+    with torch.no_grad():
+        expected, expected_logits = dart_reference(model, embeds, SYSTEM, NUM_IMAGE, K=2,
+                                                   max_num_trunction=round(NUM_IMAGE * keep))
+    kept, logits = run_ours(model, embeds, spatial, "dart", layer=2, keep=keep)
+    assert all(kept[layer][0] == expected for layer in range(2, 6))
+    assert len(expected) == 4 + 8 * (round(NUM_IMAGE * keep) // 8)
+    torch.testing.assert_close(logits, expected_logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("ratio", [0.098, 0.3])
+def test_divprune_selects_the_released_set(seed, ratio):
+    model, embeds, spatial = peaked_llama(seed)
+    with torch.no_grad():
+        expected, _ = divprune_reference(model, embeds, SYSTEM, NUM_IMAGE, ratio)
+    kept, _ = run_ours(model, embeds, spatial, "divprune", ratio=ratio)
+    assert kept[0][0] == list(range(SYSTEM, SYSTEM + NUM_IMAGE))  # layer 0 whole
+    assert all(kept[layer][0] == expected for layer in range(1, 6))
+
+
+def test_dart_and_divprune_on_the_shipped_testbed():
+    from adatoken import testbed
+
+    model = testbed.load()
+    sample = testbed.load_split("test", num_scenes=1, cfg=model.spatial_config)[0]
+    inputs = model.build_inputs([sample])
+    spatial = inputs.pop("spatial_mask")
+    start, count = int(spatial[0].nonzero()[0]), int(spatial.sum())
+    llm, embeds = model.llm, inputs["inputs_embeds"]
+    with torch.no_grad():
+        expected, expected_logits = dart_reference(llm, embeds, start, count, K=2, max_num_trunction=round(count / 4))
+    kept, logits = run_ours(llm, embeds, spatial, "dart", layer=2, keep=0.25)
+    assert kept[2][0] == expected
+    torch.testing.assert_close(logits, expected_logits, atol=1e-4, rtol=0)
+    with torch.no_grad():
+        expected, _ = divprune_reference(llm, embeds, start, count, 0.2)
+    kept, _ = run_ours(llm, embeds, spatial, "divprune", ratio=0.2)
+    assert kept[1][0] == expected

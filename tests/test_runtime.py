@@ -15,7 +15,7 @@ from invariants import (
     top_by_log_attention,
     top_by_mean_attention,
 )
-from tiny_models import IMAGE_TOKEN, build_model, make_prompt, model_inputs
+from tiny_models import IMAGE_TOKEN, build_model, image_tokens, make_prompt, model_inputs
 
 
 def spatial_count(family):
@@ -24,7 +24,7 @@ def spatial_count(family):
 
 def forward(model, family, ids, attention_mask=None, **extra):
     kwargs = model_inputs(model, family, ids, attention_mask)
-    with torch.no_grad(), adatoken.spatial_tokens(model, ids == IMAGE_TOKEN):
+    with torch.no_grad(), image_tokens(model, ids):
         return model(**kwargs, **extra)
 
 
@@ -70,7 +70,7 @@ def _greedy_without_cache(model, family, ids, steps):
 def test_generate_with_cache_equals_recomputation(method, params, attn):
     family = "qwen2" if method in ("pdrop", "random") else "llama"  # both GQA and MHA are covered
     model, ids, kwargs = _pruned(family, attn, method, params)
-    with torch.no_grad(), adatoken.spatial_tokens(model, ids == IMAGE_TOKEN):
+    with torch.no_grad(), image_tokens(model, ids):
         generated = model.generate(**kwargs, max_new_tokens=16, do_sample=False, min_new_tokens=16, pad_token_id=0)
     cached = generated[0, -16:].tolist()
     assert cached == _greedy_without_cache(model, family, ids, 16)
@@ -96,7 +96,7 @@ def test_sampling_generate_runs_and_is_seeded():
     runs = []
     for _ in range(2):
         torch.manual_seed(0)
-        with torch.no_grad(), adatoken.spatial_tokens(model, ids == IMAGE_TOKEN):
+        with torch.no_grad(), image_tokens(model, ids):
             runs.append(model.generate(**kwargs, max_new_tokens=8, do_sample=True, top_k=0, pad_token_id=0))
     assert torch.equal(runs[0], runs[1])
 
@@ -138,7 +138,7 @@ def _batched_forward(model, ids, mask, prompts):
     embeds = torch.zeros(ids.shape[0], ids.shape[1], rows[0].shape[-1])
     for i, row in enumerate(rows):
         embeds[i, ids.shape[1] - row.shape[0]:] = row
-    with torch.no_grad(), adatoken.spatial_tokens(model, ids == IMAGE_TOKEN):
+    with torch.no_grad(), image_tokens(model, ids):
         return model(inputs_embeds=embeds, attention_mask=mask).logits[:, -1]
 
 
@@ -149,14 +149,14 @@ def test_padded_batch_generate_equals_samples_alone():
     alone = []
     for p in prompts:
         kwargs = model_inputs(model, "llama", p)
-        with torch.no_grad(), adatoken.spatial_tokens(model, p == IMAGE_TOKEN):
+        with torch.no_grad(), image_tokens(model, p):
             alone.append(model.generate(**kwargs, max_new_tokens=8, min_new_tokens=8, do_sample=False,
                                         pad_token_id=0)[0].tolist())
     ids, mask = _left_pad(prompts)
     embeds = torch.zeros(2, ids.shape[1], model.config.hidden_size)
     for i, p in enumerate(prompts):
         embeds[i, ids.shape[1] - p.shape[1]:] = model_inputs(model, "llama", p)["inputs_embeds"][0]
-    with torch.no_grad(), adatoken.spatial_tokens(model, ids == IMAGE_TOKEN):
+    with torch.no_grad(), image_tokens(model, ids):
         batched = model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=8, min_new_tokens=8,
                                  do_sample=False, pad_token_id=0)
     assert batched.tolist() == alone

@@ -27,8 +27,10 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
+import adatoken
 from adatoken.calibration.flow import FlowSample
 from adatoken.core import models
+from invariants import grid_points
 
 TEXT_KW = {k: v for k, v in models.SHAPES["tiny-6l"].config.items() if k != "num_key_value_heads"}
 VOCAB = TEXT_KW["vocab_size"]
@@ -102,6 +104,12 @@ def make_prompt(num_spatial: int, system: int = 5, prompt: int = 7, seed: int = 
     text = lambda n: torch.randint(1, IMAGE_TOKEN - 1, (n,), generator=g)  # noqa: E731
     ids = torch.cat([text(system), torch.full((num_spatial,), IMAGE_TOKEN), text(prompt)])[None]
     return ids, ids == IMAGE_TOKEN
+
+
+def image_tokens(model, ids: torch.Tensor, query_index=None):
+    """adatoken.spatial_tokens over the image tokens of `ids`, with their 3D points."""
+    spatial = ids == IMAGE_TOKEN
+    return adatoken.spatial_tokens(model, spatial, query_index=query_index, points=grid_points(spatial))
 
 
 def model_inputs(model, family: str, ids: torch.Tensor, attention_mask=None, seed: int = 0):

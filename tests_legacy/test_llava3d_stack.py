@@ -17,6 +17,7 @@ from invariants import (
     check_tables_cover_every_method,
     expected_counts,
     greedy_without_cache,
+    grid_points,
     kept_spatial,
     pruning,
     top_by_log_attention,
@@ -27,7 +28,7 @@ NUM_SPATIAL = 300
 
 
 def forward(model, embeds, spatial, query_index=None, **kwargs):
-    with torch.no_grad(), adatoken.spatial_tokens(model, spatial, query_index=query_index):
+    with torch.no_grad(), adatoken.spatial_tokens(model, spatial, query_index=query_index, points=grid_points(spatial)):
         return model(inputs_embeds=embeds, **kwargs)
 
 
@@ -89,7 +90,7 @@ def test_generate_with_cache_equals_recomputation(method, params, attn):
     model = build_model(attn)
     adatoken.prune(model, method, **params)
     embeds, spatial = llava3d_inputs(model, make_prompt(), NUM_SPATIAL)
-    with torch.no_grad(), adatoken.spatial_tokens(model, spatial):
+    with torch.no_grad(), adatoken.spatial_tokens(model, spatial, points=grid_points(spatial)):
         # as LLaVA-3D's generate calls it: inputs_embeds and a mask, greedy (legacy tuple cache inside)
         generated = model.generate(inputs_embeds=embeds, attention_mask=torch.ones(spatial.shape, dtype=torch.long),
                                    max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0)
@@ -150,10 +151,10 @@ def test_padded_batch_generate_equals_samples_alone(attn):
     settings = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
     alone = []
     for e, s in samples:
-        with torch.no_grad(), adatoken.spatial_tokens(model, s):
+        with torch.no_grad(), adatoken.spatial_tokens(model, s, points=grid_points(s)):
             alone.append(model.generate(inputs_embeds=e, attention_mask=torch.ones(s.shape, dtype=torch.long),
                                         **settings)[0, -8:].tolist())
-    with torch.no_grad(), adatoken.spatial_tokens(model, spatial):
+    with torch.no_grad(), adatoken.spatial_tokens(model, spatial, points=grid_points(spatial)):
         batched = model.generate(inputs_embeds=embeds, attention_mask=mask, **settings)[:, -8:].tolist()
     assert batched == alone
 
@@ -164,7 +165,7 @@ def test_full_scene_of_2560_spatial_tokens():
     model = build_model("sdpa")
     adatoken.prune(model, "adatoken3d", retention=0.4)
     embeds, spatial = llava3d_inputs(model, make_prompt(system=35, prompt=20), 2560)
-    with torch.no_grad(), adatoken.spatial_tokens(model, spatial):
+    with torch.no_grad(), adatoken.spatial_tokens(model, spatial, points=grid_points(spatial)):
         generated = model.generate(inputs_embeds=embeds, attention_mask=torch.ones(spatial.shape, dtype=torch.long),
                                    max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0)
     counts = [layer[0] for layer in adatoken.last_stats(model).spatial_in]
@@ -181,7 +182,7 @@ def test_generate_prefill_runs_the_lm_head_on_the_last_position_only(attn):
     rows = []
     hook = model.lm_head.register_forward_hook(lambda m, args, out: rows.append(out.shape[1]))
     try:
-        with adatoken.spatial_tokens(model, spatial):
+        with adatoken.spatial_tokens(model, spatial, points=grid_points(spatial)):
             out = model.generate(inputs_embeds=embeds, max_new_tokens=2, do_sample=False, pad_token_id=0,
                                  output_scores=True, return_dict_in_generate=True)
         direct = forward(model, embeds, spatial).logits

@@ -37,6 +37,7 @@ class Setup:
     inputs: dict
     spatial: torch.Tensor
     device: str
+    points: torch.Tensor | None = None  # [B, S, 3] the spatial tokens' 3D points (for `coverage`)
 
 
 def build_model(shape: str | None, config_path: str | None, device: str, dtype: torch.dtype):
@@ -71,7 +72,10 @@ def build_setup(model, batch: int, spatial: int, text: int, device: str) -> Setu
     embeds = torch.randn(batch, length, model.config.hidden_size, device=device, dtype=dtype, generator=generator)
     inputs = {"inputs_embeds": embeds * 0.02,
               "attention_mask": torch.ones(batch, length, dtype=torch.long, device=device)}
-    return Setup(model, inputs, mask, device)
+    # random points in a 6 x 6 x 3 m room: what a 3D model's spatial tokens come with (coverage selects by them)
+    points = torch.rand(batch, length, 3, device=device, generator=generator) * torch.tensor([6.0, 6.0, 3.0],
+                                                                                            device=device)
+    return Setup(model, inputs, mask, device, points)
 
 
 def configurations(methods, retentions) -> dict[str, dict]:
@@ -114,7 +118,7 @@ def _timed(fn, device: str) -> tuple[float, object]:
 def measure_once(setup: Setup, new_tokens: int) -> dict:
     """One prefill (timed, with the ranking share) and, if new_tokens, one full generation."""
     model, device = setup.model, setup.device
-    with torch.inference_mode(), spatial_tokens(model, setup.spatial):
+    with torch.inference_mode(), spatial_tokens(model, setup.spatial, points=setup.points):
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         with selection_timer(model) as ranking:
@@ -225,7 +229,7 @@ def generation_peak_bytes(setup: Setup, new_tokens: int) -> int:
     model, device = setup.model, setup.device
     run = lambda: model.generate(**setup.inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens,  # noqa: E731
                                  do_sample=False, pad_token_id=0)
-    with torch.inference_mode(), spatial_tokens(model, setup.spatial):
+    with torch.inference_mode(), spatial_tokens(model, setup.spatial, points=setup.points):
         if device.startswith("cuda"):
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()

@@ -16,6 +16,7 @@ from adatoken.calibration.fit import normalize_inf
 from adatoken.calibration.flow import GROUPS, FlowReport
 from adatoken.calibration.sweep import SweepResult
 from adatoken.core.artifacts import write_atomic
+from adatoken.core.methods import METHODS, Method
 from adatoken.core.schedule import Schedule, exponential_curve
 
 GROUP_COLOURS = {"system": "#7f7f7f", "spatial": "#1f77b4", "prompt": "#ff7f0e", "answer": "#2ca02c"}
@@ -170,13 +171,9 @@ def plot_report(report: FlowReport, out_dir: str | Path,
 
 
 # ----- the demo's comparison figures ---------------------------------------------------------------
-# one colour and marker per method in every panel and figure; AdaToken-3D in red, the random control grey
-METHOD_STYLES = {"none": ("black", "*"), "fastv": ("C0", "o"), "pdrop": ("C2", "s"), "random": ("C7", "^"),
-                 "adatoken3d": ("C3", "D")}
-
-
-def _method_style(method: str) -> dict:
-    colour, marker = METHOD_STYLES.get(method, ("C4", "v"))
+def method_style(method: str) -> dict:
+    """One colour and marker per method (or `method:variant`) in every panel and figure, from its registration."""
+    colour, marker = getattr(METHODS.get(method.split(":")[0]), "style", Method.style)
     return {"color": colour, "marker": marker}
 
 
@@ -192,7 +189,7 @@ def plot_retention_per_layer(kept: dict[float, dict[str, Sequence[float]]], path
             shares = kept[retention].get(method)
             if shares is not None:
                 ax.step(np.arange(len(shares)), shares, where="mid", lw=1.6, alpha=0.85, label=method,
-                        color=_method_style(method)["color"])
+                        color=method_style(method)["color"])
         ax.axhline(retention, color="black", ls="--", lw=0.8, label=f"mean over layers = {retention:g}")
         ax.set_ylim(0, 1.05)
         ax.set_title(f"retention {retention:g}", fontsize=10)
@@ -217,7 +214,7 @@ def plot_speedup_vs_flops(results: dict[str, Sequence[dict]], path: str | Path) 
         for method in dict.fromkeys(r["method"] for r in ran):
             points = [r for r in ran if r["method"] == method]
             ax.plot([r["flops_ratio"] for r in points], [r["prefill_speedup"] for r in points], ls="none", ms=7,
-                    alpha=0.85, label=method, **_method_style(method))
+                    alpha=0.85, label=method, **method_style(method))
             for r in points:
                 if method != "none":
                     ax.annotate(f"{r['retention']:.2g}", (r["flops_ratio"], r["prefill_speedup"]), fontsize=7,

@@ -46,11 +46,14 @@ def register(subparsers) -> None:
     sweep.add_argument("--methods", nargs="+", default=DEFAULT_METHODS,
                        help="methods, a variant after a colon (adatoken3d:released); "
                             f"default: {' '.join(DEFAULT_METHODS)}")
-    sweep.add_argument("--retentions", nargs="+", type=float, default=DEFAULT_RETENTIONS,
+    sweep.add_argument("--retentions", nargs="+", type=float,
                        help="mean spatial retentions over layers (default: 0.1 0.2 0.4)")
+    sweep.add_argument("--final-keeps", nargs="+", type=float, metavar="A",
+                       help="the paper's budget instead of --retentions: adatoken3d's curve keeps A at the last layer "
+                            "(docs/method.md), every other method runs at that curve's mean retention (equal cost)")
     sweep.add_argument("--schedule", nargs="+", metavar="DIR_OR_FILE",
-                       help="fitted schedule JSONs for adatoken3d, matched to --retentions by the retention they were "
-                            "fitted for (default: adatoken3d's eq.-5 curve at each retention)")
+                       help="fitted schedule JSONs for adatoken3d, matched to --retentions (or --final-keeps) by the "
+                            "value they were fitted for (default: adatoken3d's eq.-5 curve at each value)")
     sweep.add_argument("--batch-size", type=int, default=16)
     sweep.add_argument("--max-new-tokens", type=int, default=8)
     sweep.add_argument("--device", default="auto",
@@ -73,8 +76,9 @@ def run(args) -> int:
     records = _questions(args, checkpoint)
     subset = select_subset(records, args.limit, args.seed)
     num_layers = adapters.resolve(answerer.llm).num_layers
-    schedules = load_schedules(args.schedule) if args.schedule else None
-    configs = sweep_configs(args.methods, args.retentions, num_layers, schedules)
+    budget, values = ("final_keep", args.final_keeps) if args.final_keeps else ("retention", args.retentions)
+    schedules = load_schedules(args.schedule, budget) if args.schedule else None
+    configs = sweep_configs(args.methods, values, num_layers, schedules, budget)
     settings = {"model": args.model, "checkpoint": str(checkpoint), "dataset": args.dataset, "data": args.data,
                 "split": args.split, "scenes": args.scenes, "limit": args.limit, "seed": args.seed}
     predictions = evaluate(answerer, subset, configs, args.out, settings, batch_size=args.batch_size,
@@ -108,6 +112,10 @@ def _device(name: str) -> torch.device:
 
 def _check_args(args) -> None:
     """Refuse inconsistent options before the model is loaded."""
+    if args.final_keeps and args.retentions:
+        raise ValueError("pass --retentions or --final-keeps, not both: they are two readings of one budget")
+    if not args.final_keeps:
+        args.retentions = args.retentions or DEFAULT_RETENTIONS
     if args.model == "testbed" and args.dataset != "testbed":
         raise ValueError(f"the testbed model answers only testbed questions, not --dataset {args.dataset}; "
                          "use --dataset testbed")

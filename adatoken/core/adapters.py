@@ -152,6 +152,15 @@ class Adapter:
             return {"position_ids": positions}
         return {"position_ids": positions, "position_embeddings": self.decoder.rotary_emb(hidden, positions)}
 
+    def rope_at(self, layer_idx: int, hidden: torch.Tensor, positions: torch.Tensor):
+        """cos/sin [B, L, head_dim] of 1-D RoPE at any `positions` [B, L] (None for multimodal RoPE, whose
+        positions are not one number per token)."""
+        if self.multimodal_rope:
+            return None
+        if self.attention_rotaries:
+            return self.rotary(layer_idx, hidden, positions, int(positions.max()) + 1)
+        return self.decoder.rotary_emb(hidden, positions)
+
     def rotary(self, layer_idx: int, hidden: torch.Tensor, positions: torch.Tensor, length: int):
         """cos/sin [B, L, head_dim] at `positions` [B, L], for layers that compute RoPE themselves.
 

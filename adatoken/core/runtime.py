@@ -157,6 +157,8 @@ class Pass:
     sliced_for: torch.Tensor | None = None  # the index `sliced` was gathered with
     sliced: dict = field(default_factory=dict)
     pending: torch.Tensor | None = None  # scores a layer computed for the next layer's drop
+    previous: tuple | None = None        # (layer, its input, its kwargs) for a method that reads it
+    points: torch.Tensor | None = None   # [B, S, c] the spatial tokens' positions in space, where given
 
     def slot_tables(self, batch: int, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(index, slot_ok) spelled out, also before the first drop (identity, no filler)."""
@@ -188,6 +190,7 @@ class PruneState:
         """Per-call state: nothing of it outlives its call, or travels with a copy of the model."""
         self.explicit_spatial: torch.Tensor | None = None
         self.explicit_query: torch.Tensor | int | None = None
+        self.explicit_points: torch.Tensor | None = None
         self.generation: Generation | None = None    # the `generate` call under way, if any
         self.call_inputs: dict = {}
         self.record: Prefill | None = None           # what the cache of the forward under way holds
@@ -371,7 +374,7 @@ class PruneState:
         counts = [list(c) for c in zip(*(self.method.counts(self.schedule, n) for n in num_spatial))]
         ordinal = (layout.spatial.cumsum(1) - 1).clamp(min=0)
         self.current = Pass(layout, counts, layout.real.sum(1).tolist(), ordinal, alive=layout.spatial,
-                            slots=[length] * batch)
+                            slots=[length] * batch, points=self._explicit_points(batch, length))
         per_layer = [None] * self.adapter.num_layers
         self.record = Prefill(length, list(per_layer), list(per_layer), shift=list(per_layer),
                               cache=None if cache is None else weakref.ref(cache))
@@ -397,6 +400,22 @@ class PruneState:
         if mask.shape[1] == call.prompt_length < length:  # use_cache=False: the prompt and what followed it
             mask = torch.cat((mask, mask.new_zeros(mask.shape[0], length - mask.shape[1])), 1)
         return mask
+
+    def _explicit_points(self, batch: int, length: int) -> torch.Tensor | None:
+        """The spatial tokens' positions given with `spatial_tokens(..., points=)`, fitted to this forward as the
+        mask is (repeated for beams, zero over tokens generated after the prompt)."""
+        points = self.explicit_points
+        if points is None:
+            return None
+        if points.shape[0] < batch and batch % points.shape[0] == 0:
+            points = points.repeat_interleave(batch // points.shape[0], dim=0)
+        if points.shape[1] < length:
+            later = points.new_zeros(points.shape[0], length - points.shape[1], points.shape[2])
+            points = torch.cat((points, later), 1)
+        if points.shape[:2] != (batch, length):
+            raise ValueError(f"the spatial points have shape {tuple(points.shape)} but the input is [batch, seq] = "
+                             f"{(batch, length)}: give one [x, y, z] per input position")
+        return points
 
     def _query_positions(self, batch: int, length: int, device) -> torch.Tensor | None:
         """Position of the last instruction token per sample: given; inside `generate`, the prompt's last
@@ -441,10 +460,14 @@ class PruneState:
                 if drops:
                     scores, run.pending = run.pending, None
                     if scores is None:
-                        scores = self._scores(self._rank_context(idx, run, hidden, self._sliced(run, kwargs)), run)
+                        ctx = self._rank_context(idx, run, hidden, self._sliced(run, kwargs), target)
+                        scores = self._scores(ctx, run)
                     hidden = self._prune(run, hidden, scores, target, alive_counts)
                 if ranks_next:
-                    run.pending = self._scores(self._rank_context(idx, run, hidden, self._sliced(run, kwargs)), run)
+                    ctx = self._rank_context(idx, run, hidden, self._sliced(run, kwargs), following)
+                    run.pending = self._scores(ctx, run)
+        # a method that also reads the previous layer's input (DART's keys) finds it here at the next layer
+        run.previous = (idx, hidden, kwargs) if self.method.uses_previous_input and following != target else None
         self.record.key_index[idx] = run.index
         self.record.key_ok[idx] = run.slot_ok
         if self.method.renumbers_positions and run.index is not None:
@@ -456,8 +479,8 @@ class PruneState:
         kwargs = self._sliced(run, kwargs)
         return ((hidden, *args[1:]) if args else ()), ({**kwargs} if args else {**kwargs, "hidden_states": hidden})
 
-    def _rank_context(self, idx: int, run: Pass, hidden, kwargs) -> RankContext:
-        """What a method may look at to rank the alive spatial tokens from layer `idx`'s input."""
+    def _rank_context(self, idx: int, run: Pass, hidden, kwargs, target: list[int]) -> RankContext:
+        """What a method may look at to rank the alive spatial tokens from layer `idx`'s input, keeping `target`."""
         batch, length = hidden.shape[:2]
         device = hidden.device
         index, slot_ok = run.slot_tables(batch, length, device)
@@ -476,7 +499,13 @@ class PruneState:
             qk_weights=self.adapter.qk_weights(idx), qk_norms=self.adapter.qk_norms(idx),
             num_heads=self.adapter.num_heads,
             num_kv_heads=self.adapter.num_kv_heads, scaling=self.adapter.head_dim ** -0.5,
+            target=list(target), points=None if run.points is None else _gather_tokens(run.points, index),
+            final_norm=self.adapter.decoder.norm,
+            rope_at=None if self.adapter.multimodal_rope else partial(self.adapter.rope_at, idx, hidden),
         )
+        if run.previous is not None and run.previous[0] == idx - 1:
+            before, previous_hidden, previous_kwargs = run.previous
+            ctx.previous = self._rank_context(before, run, previous_hidden, self._sliced(run, previous_kwargs), target)
         return ctx
 
     def _scores(self, ctx: RankContext, run: Pass) -> torch.Tensor:
@@ -727,28 +756,34 @@ def last_stats(model: nn.Module) -> PruneStats:
 
 
 @contextlib.contextmanager
-def spatial_tokens(model: nn.Module, mask: torch.Tensor, query_index: torch.Tensor | int | None = None):
+def spatial_tokens(model: nn.Module, mask: torch.Tensor, query_index: torch.Tensor | int | None = None,
+                   points: torch.Tensor | None = None):
     """Mark which input positions are spatial tokens (bool [batch, seq]) for forwards inside the block.
 
     How LLaVA-3D-style models that call their LLM with `inputs_embeds` tell the runtime where the
     spatial tokens are. `query_index` is the position of the last instruction token (the ranking
     query); it defaults to the last position, which is right for generation but not for a forward
     that already contains answer tokens (training, or recomputing a generation without a cache).
+    `points` [batch, seq, c] places each spatial token in space (its 3D point; read where the mask is
+    True), for methods that select by geometry (`coverage`).
     On a model that is not pruned it only checks the mask.
     """
     if not torch.is_tensor(mask) or mask.dim() != 2:
         raise ValueError("the spatial mask must be a [batch, seq] tensor, "
                          f"got {getattr(mask, 'shape', type(mask).__name__)}")
+    if points is not None and (not torch.is_tensor(points) or points.dim() != 3 or points.shape[:2] != mask.shape):
+        raise ValueError(f"spatial points must be a [batch, seq, c] tensor matching the mask {tuple(mask.shape)}, "
+                         f"got {getattr(points, 'shape', type(points).__name__)}")
     state = getattr(model, STATE_ATTR, None)
     if state is None:
         yield
         return
-    previous = state.explicit_spatial, state.explicit_query
-    state.explicit_spatial, state.explicit_query = mask, query_index
+    previous = state.explicit_spatial, state.explicit_query, state.explicit_points
+    state.explicit_spatial, state.explicit_query, state.explicit_points = mask, query_index, points
     try:
         yield
     finally:
-        state.explicit_spatial, state.explicit_query = previous
+        state.explicit_spatial, state.explicit_query, state.explicit_points = previous
 
 
 @contextlib.contextmanager

@@ -69,6 +69,7 @@ class ReportRow:
     flops_ratio: float | None = None         # prefill_flops / that of `none`
     prefill_ms: float | None = None          # median over batches
     answer_s: float | None = None            # total generation time of all batches
+    label: str = ""                          # the budget as printed: "0.4", "final 0.1" (SweepConfig.label)
 
 
 def summarize(configs: Sequence[SweepConfig], predictions: dict[str, list[dict]], *, ngram: bool = False,
@@ -79,7 +80,8 @@ def summarize(configs: Sequence[SweepConfig], predictions: dict[str, list[dict]]
     report, metrics = [], {}
     for config in configs:
         if config.skipped is not None:
-            report.append(ReportRow(config.key, config.method, config.retention, skipped=config.skipped))
+            report.append(ReportRow(config.key, config.method, config.retention, skipped=config.skipped,
+                                    label=config.label))
             continue
         rows = predictions[config.key]
         scores = score([r["prediction"] for r in rows], [r["references"] for r in rows],
@@ -100,6 +102,7 @@ def summarize(configs: Sequence[SweepConfig], predictions: dict[str, list[dict]]
             prefill_flops=statistics.fmean(r["prefill_flops"] for r in rows),
             prefill_ms=_median_batch(rows, "batch_prefill_s", 1e3),
             answer_s=sum(_per_batch(rows, "batch_answer_s")),
+            label=config.label,
         ))
     unpruned = next((r for r in report if r.method == "none" and r.prefill_flops), None)
     for row in report:
@@ -182,7 +185,9 @@ def to_markdown(rows: list[ReportRow], context: dict) -> str:
         f"{unit}: analytic prefill FLOPs per sample at the tokens that entered each layer; "
         "'vs none' is that divided by the unpruned model's. Retention: requested, and measured "
         "(mean over samples and layers of the fraction of spatial tokens entering the layer); final: the "
-        "fraction entering the last layer (the budget as the paper's fit states it, docs/method.md). "
+        "fraction entering the last layer (the budget as the paper's fit states it, docs/method.md); a "
+        "requested 'final a' asked adatoken3d's curve to end at a and ran every other method at that curve's "
+        "mean retention. "
         "Prefill ms: median over batches of the measured prefill time, wall-clock on this machine "
         "(noisy on a shared CPU; compare within one run only). Time: total generation time of the config.",
         "",
@@ -192,7 +197,7 @@ def to_markdown(rows: list[ReportRow], context: dict) -> str:
     lines += [_table_row(head), _table_row(["---"] * len(head))]
     skipped = []
     for row in rows:
-        retention = "1" if row.retention is None else f"{row.retention:g}"
+        retention = row.label
         if row.skipped is not None:
             skipped.append(row)
             cells = [row.method, retention, f"skipped ({len(skipped)})"] + [""] * (len(head) - 3)
@@ -211,8 +216,7 @@ def to_markdown(rows: list[ReportRow], context: dict) -> str:
         head = ["method", "retention", *(f"{t} (n={counts[t].n})" for t in types)]
         lines += [_table_row(head), _table_row(["---"] * len(head))]
         for row in (r for r in rows if r.skipped is None):
-            retention = "1" if row.retention is None else f"{row.retention:g}"
-            lines.append(_table_row([row.method, retention, *(_pct(row.em_by_type.get(t)) for t in types)]))
+            lines.append(_table_row([row.method, row.label, *(_pct(row.em_by_type.get(t)) for t in types)]))
     reasons = {f"{NGRAM_SHOWN[n]}: {why}" for r in rows for n, why in r.ngram_unavailable.items()}
     if reasons:
         lines += ["", "Not computed (–): " + "; ".join(sorted(reasons)) + "."]
@@ -233,6 +237,8 @@ def plot_accuracy_vs_flops(rows: list[ReportRow], path: str | Path, title: str) 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from adatoken.calibration.plots import method_style
+
     ran = [r for r in rows if r.skipped is None and r.em is not None and r.em.value is not None]
     relative = any(r.flops_ratio is not None for r in ran)
     unit, scale = _flops_unit(rows)
@@ -247,20 +253,20 @@ def plot_accuracy_vs_flops(rows: list[ReportRow], path: str | Path, title: str) 
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     methods = list(dict.fromkeys(r.method for r in ran if r.method != "none"))
-    # Methods at one retention cost nearly the same FLOPs and sit on top of each other: distinct
-    # markers and see-through interval bars keep each one visible.
-    markers = "osD^vP<>"
-    for i, method in enumerate(methods):
+    # Methods at one retention cost nearly the same FLOPs and sit on top of each other: each method's own
+    # marker (variants dashed) and see-through interval bars keep each one visible.
+    for method in methods:
         points = sorted((r for r in ran if r.method == method), key=x)
         _, caps, bars = ax.errorbar([x(r) for r in points], [100 * r.em.value for r in points], yerr=yerr(points),
-                                    marker=markers[i % len(markers)], markersize=6, capsize=3, linewidth=1.5,
-                                    elinewidth=1, label=method)
+                                    **method_style(method), linestyle="--" if ":" in method else "-",
+                                    markersize=6, capsize=3, linewidth=1.5, elinewidth=1, label=method)
         for artist in (*caps, *bars):
             artist.set_alpha(0.35)
     for retention in sorted({r.retention for r in ran if r.retention is not None}):
         cluster = [r for r in ran if r.retention == retention]
         top = max(cluster, key=lambda r: r.em.ci95[1])
-        ax.annotate(f"retention {retention:g}", (statistics.fmean(x(r) for r in cluster), 100 * top.em.ci95[1]),
+        label = top.label if top.label.startswith("final") else f"retention {top.label}"
+        ax.annotate(label, (statistics.fmean(x(r) for r in cluster), 100 * top.em.ci95[1]),
                     textcoords="offset points", xytext=(0, 5), ha="center", fontsize=8, color="0.3")
     for r in (r for r in ran if r.method == "none"):
         ax.errorbar([x(r)], [100 * r.em.value], yerr=yerr([r]), marker="*", markersize=14, color="black",

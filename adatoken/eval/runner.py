@@ -25,6 +25,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -38,7 +39,8 @@ from tqdm.auto import tqdm
 
 from adatoken.core.artifacts import read_json, write_json_atomic
 from adatoken.core.config import PruneConfig
-from adatoken.core.methods import method_names, methods_in_report_order
+from adatoken.core.methods import METHODS, method_names, methods_in_report_order
+from adatoken.core.methods.adatoken3d import AdaToken3D
 from adatoken.core.runtime import last_stats, prune, unprune
 from adatoken.core.schedule import Schedule
 from adatoken.eval.datasets import QARecord
@@ -79,26 +81,48 @@ def default_methods() -> list[str]:
 
 
 # --- what to run -----------------------------------------------------------------------------------
+BUDGETS = ("retention", "final_keep")
+
+
 @dataclass(frozen=True)
 class SweepConfig:
-    """One row of the sweep: a method at a retention (None for `none`), or the reason it cannot run."""
+    """One row of the sweep: a method at a budget value (None for `none`), or the reason it cannot run.
+    `budget` says what the value is: the mean spatial retention over layers, or (final_keep) the share
+    adatoken3d's curve keeps at the last layer, the other methods running at that curve's mean retention."""
 
     method: str
     retention: float | None
     prune: PruneConfig | None
     skipped: str | None = None
+    budget: str = "retention"
+
+    @property
+    def label(self) -> str:
+        """The budget as tables print it: "0.4", or "final 0.1"."""
+        if self.retention is None:
+            return "1"
+        return f"{self.retention:g}" if self.budget == "retention" else f"final {self.retention:g}"
 
     @property
     def key(self) -> str:
-        return self.method if self.retention is None else f"{self.method}@{self.retention:g}"
+        if self.retention is None:
+            return self.method
+        return f"{self.method}@{self.retention:g}" if self.budget == "retention" else \
+            f"{self.method}@final{self.retention:g}"
 
 
 def sweep_configs(methods: Sequence[str], retentions: Sequence[float], num_layers: int,
-                  schedules: dict[float, Schedule] | None = None) -> list[SweepConfig]:
-    """`none` once, every other method at every retention. A method may name a variant, as
-    `adatoken3d:released`. adatoken3d uses the fitted schedule of that retention when `schedules` is
-    given (see `load_schedules`), its eq.-5 curve otherwise; the `random` control always gets the very
-    schedule adatoken3d (variant paper) uses at that retention, so that the two differ only in ranking.
+                  schedules: dict[float, Schedule] | None = None, budget: str = "retention") -> list[SweepConfig]:
+    """`none` once, every other method at every budget value. A method may name a variant, as
+    `adatoken3d:released`. adatoken3d uses the fitted schedule of that value when `schedules` is
+    given (see `load_schedules`), its eq.-5 curve otherwise; the controls built on its schedule (`random`,
+    `coverage`) always get the very schedule adatoken3d (variant paper) uses there, so that they differ only
+    in which tokens they keep.
+
+    budget="final_keep" reads the values as the share kept at the last layer (the paper's Table II
+    reading, docs/method.md): adatoken3d's curve (fitted with `adatoken fit --final-keep`, or the
+    endpoint curve) ends there, and every method without a curve of its own runs at that curve's mean
+    retention, so that each row costs what adatoken3d's does.
 
     A config the model's depth cannot reach (e.g. FastV at K=2 below retention 2/num_layers) is kept
     as skipped, with the method's own explanation; an invalid name or value raises ValueError.
@@ -108,7 +132,9 @@ def sweep_configs(methods: Sequence[str], retentions: Sequence[float], num_layer
         raise ValueError(f"unknown method(s) {', '.join(map(repr, unknown))}; valid: {', '.join(method_names())} "
                          "(adatoken3d:paper and adatoken3d:released name its variants)")
     if len(set(methods)) != len(methods) or len(set(retentions)) != len(retentions):
-        raise ValueError(f"methods and retentions must not repeat, got {list(methods)} and {list(retentions)}")
+        raise ValueError(f"methods and budget values must not repeat, got {list(methods)} and {list(retentions)}")
+    if budget not in BUDGETS:
+        raise ValueError(f"budget must be one of {', '.join(BUDGETS)}, got {budget!r}")
     configs = []
     for spec in methods:
         method, _, variant = spec.partition(":")
@@ -116,20 +142,38 @@ def sweep_configs(methods: Sequence[str], retentions: Sequence[float], num_layer
             configs.append(SweepConfig("none", None, PruneConfig("none")))
             continue
         params = {"variant": variant} if variant else {}
-        for retention in retentions:
-            if method in ("adatoken3d", "random") and schedules is not None:
-                schedule = schedules.get(_retention_key(retention))
+        for value in retentions:
+            curve = {budget: value}  # adatoken3d's budget at this value
+            if schedules is not None:
+                schedule = schedules.get(_retention_key(value))
                 if schedule is None:
                     have = ", ".join(f"{r:g}" for r in sorted(schedules)) or "none"
-                    why = f"no fitted schedule for retention {retention:g} (schedules given for: {have})"
-                    configs.append(SweepConfig(spec, retention, None, why))
-                    continue
-                config = PruneConfig(method, **params, schedule=schedule)
+                    why = f"no fitted schedule for {budget} {value:g} (schedules given for: {have})"
+                    if _runs_adatoken3d_schedule(method) or budget == "final_keep":
+                        configs.append(SweepConfig(spec, value, None, why, budget))
+                        continue
+                else:
+                    curve = {"schedule": schedule}
+            if _runs_adatoken3d_schedule(method) and (schedules is not None or budget == "final_keep"):
+                config = PruneConfig(method, **params, **curve)
+            elif budget == "final_keep":
+                config = PruneConfig(method, **params, retention=_curve_retention(curve, num_layers))
             else:
-                config = PruneConfig(method, **params, retention=retention)
-            configs.append(SweepConfig(spec, retention, config, _why_infeasible(config, num_layers)))
+                config = PruneConfig(method, **params, retention=value)
+            configs.append(SweepConfig(spec, value, config, _why_infeasible(config, num_layers), budget))
     return configs
 
+
+def _runs_adatoken3d_schedule(method: str) -> bool:
+    """adatoken3d and the controls built on its schedule (random, coverage), which differ from it only in ranking."""
+    return issubclass(METHODS[method], AdaToken3D)
+
+
+def _curve_retention(curve: dict, num_layers: int) -> float:
+    """The mean retention of adatoken3d's (paper) curve under this budget: what equal cost means."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the uncalibrated warning is adatoken3d's row's to give
+        return round(PruneConfig("adatoken3d", **curve).build().schedule(num_layers).retention, 4)
 
 
 def _why_infeasible(config: PruneConfig, num_layers: int) -> str | None:
@@ -144,9 +188,10 @@ def _retention_key(retention: float) -> float:
     return round(float(retention), 3)
 
 
-def load_schedules(paths: Sequence[str | Path]) -> dict[float, Schedule]:
-    """Schedule JSONs (files, or folders of *.json) keyed by the retention they were fitted for
-    (meta "requested_retention", else their mean keep), rounded to 3 decimals."""
+def load_schedules(paths: Sequence[str | Path], budget: str = "retention") -> dict[float, Schedule]:
+    """Schedule JSONs (files, or folders of *.json) keyed by the budget value they were fitted for
+    (meta "requested_retention", else their mean keep; or meta "requested_final_keep", else their last
+    layer's keep), rounded to 3 decimals."""
     files = []
     for path in map(Path, paths):
         if path.is_dir():
@@ -160,9 +205,11 @@ def load_schedules(paths: Sequence[str | Path]) -> dict[float, Schedule]:
     origin: dict[float, Path] = {}
     for file in files:
         schedule = Schedule.load(file)
-        key = _retention_key(schedule.meta.get("requested_retention", schedule.retention))
+        value = schedule.meta.get("requested_retention", schedule.retention) if budget == "retention" else \
+            schedule.meta.get("requested_final_keep", schedule.final_keep)
+        key = _retention_key(value)
         if key in schedules:
-            raise ValueError(f"two schedules for retention {key:g}: {origin[key]} and {file}; pass one per retention")
+            raise ValueError(f"two schedules for {budget} {key:g}: {origin[key]} and {file}; pass one per value")
         schedules[key], origin[key] = schedule, file
     return schedules
 

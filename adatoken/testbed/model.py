@@ -224,9 +224,16 @@ class TestbedModel(nn.Module):
 
     def build_inputs(self, samples: Sequence) -> dict[str, torch.Tensor]:
         """Left-padded prompts ending at `ASSISTANT:`: inputs_embeds [B,S,H], attention_mask [B,S] long,
-        spatial_mask [B,S] bool (True exactly at the spatial tokens)."""
+        spatial_mask [B,S] bool (True exactly at the spatial tokens), spatial_points [B,S,3] float (each spatial
+        token's 3D point, zero elsewhere: what `coverage` selects by)."""
         dialogues = [dialogue_ids(self.tokenizer, [(s.question, None)])[0] for s in samples]
-        return self.embed([self.spatial_tokens(s) for s in samples], dialogues, padding_side="left")
+        spatial = [self.spatial_tokens(s) for s in samples]
+        inputs = self.embed(spatial, dialogues, padding_side="left")
+        mask = inputs["spatial_mask"]
+        points = torch.zeros(*mask.shape, 3, device=mask.device)
+        for b, tokens in enumerate(spatial):
+            points[b, mask[b]] = torch.from_numpy(tokens.points).to(mask.device)
+        return {**inputs, "spatial_points": points}
 
     @torch.inference_mode()
     def answer(self, samples: Sequence, max_new_tokens: int = 8, batch_size: int = 32) -> list[str]:
@@ -236,7 +243,7 @@ class TestbedModel(nn.Module):
         answers = []
         for start in range(0, len(samples), batch_size):
             inputs = self.build_inputs(samples[start:start + batch_size])
-            with spatial_tokens(self.llm, inputs["spatial_mask"]):
+            with spatial_tokens(self.llm, inputs["spatial_mask"], points=inputs["spatial_points"]):
                 out = self.llm.generate(
                     inputs_embeds=inputs["inputs_embeds"], attention_mask=inputs["attention_mask"],
                     max_new_tokens=max_new_tokens, do_sample=False,

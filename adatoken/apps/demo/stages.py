@@ -304,8 +304,8 @@ class Demo:
         with self.cache.stage("bench testbed", key, path) as reused:
             if not reused:
                 inputs = self.model.build_inputs([as_sample(question)])
-                spatial = inputs.pop("spatial_mask")
-                _write_bench(path, bench_configs(Setup(self.model.llm, inputs, spatial, "cpu"), configs, label,
+                spatial, points = inputs.pop("spatial_mask"), inputs.pop("spatial_points")
+                _write_bench(path, bench_configs(Setup(self.model.llm, inputs, spatial, "cpu", points), configs, label,
                                                  self.options.bench_repeats, self.progress))
         results[label] = json.loads(path.read_text())
 

@@ -44,6 +44,11 @@ class RankContext:
     num_heads: int
     num_kv_heads: int
     scaling: float
+    target: list[int] = dataclasses.field(default_factory=list)  # spatial tokens each sample keeps at this drop
+    points: torch.Tensor | None = None  # [B, L, c] positions of the spatial tokens in space, where given
+    final_norm: torch.nn.Module | None = None  # the decoder's final norm (DART compares states through it)
+    previous: "RankContext | None" = None  # the layer before, for a method with uses_previous_input
+    rope_at: object = None  # positions [B, L] -> (cos, sin) of this layer's 1-D RoPE; None for multimodal RoPE
 
     @cached_property
     def normed(self) -> torch.Tensor:
@@ -59,9 +64,11 @@ ROLES = ("reference", "baseline", "control", "adatoken")
 class Method:
     name: ClassVar[str]
     role: ClassVar[str]  # one of ROLES
+    style: ClassVar[tuple[str, str]] = ("C4", "v")  # matplotlib colour and marker, the same in every figure
     Config: ClassVar[type]
     rank_layer_offset: int = 0        # 1: a drop at layer K is ranked from layer K-1's input (FastV's code)
     renumbers_positions: bool = False  # after a drop, kept tokens take positions 0..n-1 (PyramidDrop's code)
+    uses_previous_input: bool = False  # the drop at layer K also reads layer K-1's input (DART's keys)
 
     def __init__(self, config):
         self.config = config
@@ -74,7 +81,8 @@ class Method:
         return schedule.counts(num_spatial)
 
     def score(self, ctx: RankContext) -> torch.Tensor:
-        """[B, L] scores; only entries at ctx.candidates are read."""
+        """[B, L] scores; only entries at ctx.candidates are read, and the top ctx.target[b] of row b are kept.
+        A set selection returns scores whose top ctx.target[b] are its set (see core/selection.py)."""
         raise NotImplementedError
 
 
@@ -139,4 +147,4 @@ def check_layer(name: str, layer: int, num_layers: int) -> None:
 
 
 # Importing the method files fills METHODS.
-from adatoken.core.methods import adatoken3d, fastv, none, pdrop, random  # noqa: E402,F401
+from adatoken.core.methods import adatoken3d, coverage, dart, divprune, fastv, none, pdrop, random  # noqa: E402,F401

@@ -61,6 +61,7 @@ def released_stages(num_layers: int) -> tuple[int, ...]:
 class AdaToken3D(Method):
     name = "adatoken3d"
     role = "adatoken"
+    style = ("C3", "D")  # colour and marker in every figure
 
     @dataclass
     class Config:

@@ -26,6 +26,7 @@ from adatoken.core.schedule import Schedule
 class FastV(Method):
     name = "fastv"
     role = "baseline"
+    style = ("C0", "o")  # colour and marker in every figure
 
     @dataclass
     class Config:

@@ -9,6 +9,7 @@ from adatoken.core.schedule import Schedule
 class NoPruning(Method):
     name = "none"
     role = "reference"
+    style = ("black", "*")  # colour and marker in every figure
 
     @dataclass
     class Config:

@@ -39,6 +39,7 @@ from adatoken.core.schedule import Schedule
 class PyramidDrop(Method):
     name = "pdrop"
     role = "baseline"
+    style = ("C2", "s")  # colour and marker in every figure
 
     @dataclass
     class Config:

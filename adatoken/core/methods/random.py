@@ -15,6 +15,7 @@ from adatoken.core.methods.adatoken3d import AdaToken3D
 class RandomRanking(AdaToken3D):
     name = "random"
     role = "control"
+    style = ("C7", "^")  # colour and marker in every figure
 
     @dataclass
     class Config(AdaToken3D.Config):
