@@ -190,3 +190,37 @@ def test_generate_prefill_runs_the_lm_head_on_the_last_position_only(attn):
         hook.remove()
     assert rows == [1, 1, embeds.shape[1]]
     torch.testing.assert_close(out.scores[0], direct[:, -1], atol=1e-5, rtol=0)
+
+
+def test_calibration_runs_on_llava3d_stack(tmp_path):
+    """analyze -> fit -> prune(schedule) -> generate, all on transformers 4.37.2 (its layers get position_ids, not
+    rotary tables: the flow analysis takes them as the layer's attention does). The flow equals a transformers-free
+    reading of the same attention: eager attention weights' mass on the spatial tokens from the answer rows."""
+    model = build_model("eager")
+    samples, answers = [], []
+    for seed in range(2):
+        ids = make_prompt(seed=seed)
+        embeds, spatial = llava3d_inputs(model, ids, NUM_SPATIAL, seed=seed)
+        answer = model.get_input_embeddings()(torch.tensor([[5, 9, 13]])).detach()
+        query = embeds.shape[1] - 1
+        embeds = torch.cat([embeds, answer], 1)
+        spatial = torch.cat([spatial, torch.zeros(1, 3, dtype=torch.bool)], 1)
+        samples.append(adatoken.FlowSample({"inputs_embeds": embeds}, spatial, query_index=query))
+        answers.append((embeds, spatial, query))
+    report = adatoken.analyze(model, samples)
+    embeds, spatial, query = answers[0]
+    with torch.no_grad():
+        weights = model(inputs_embeds=embeds, output_attentions=True).attentions  # eager: [1, heads, S, S]
+    expected = [float(w[0].mean(0)[query + 1:, spatial[0]].sum(-1).mean()) for w in weights]
+    single = adatoken.analyze(model, samples[:1])
+    torch.testing.assert_close(torch.tensor(single.s_self, dtype=torch.float64),
+                               torch.tensor(expected, dtype=torch.float64), atol=1e-4, rtol=0)
+    schedule = adatoken.fit_schedule(report.inf, report.num_layers, retention=0.5)
+    schedule.save(tmp_path / "schedule.json")
+    adatoken.prune(model, "adatoken3d", schedule=str(tmp_path / "schedule.json"))
+    embeds, spatial = llava3d_inputs(model, make_prompt(seed=7), NUM_SPATIAL, seed=7)
+    with torch.no_grad(), adatoken.spatial_tokens(model, spatial):
+        out = model.generate(inputs_embeds=embeds, attention_mask=torch.ones(spatial.shape, dtype=torch.long),
+                             max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert out.shape[1] == 1 + 4  # 4.37 starts what it returns for inputs_embeds with a filled-in BOS
+    assert adatoken.last_stats(model).spatial_in[-1][0] < NUM_SPATIAL

@@ -5,8 +5,9 @@
     schedule = adatoken.fit_schedule(report.inf, report.num_layers, retention=0.4)
 
 How it is measured. A forward pre-hook on every decoder layer takes the layer's input and recomputes
-that layer's attention rows from its own weights: input_layernorm → q_proj / k_proj → RoPE with the
-`position_embeddings` the layer receives → scaled logits, causal and padding mask → softmax, in fp32.
+that layer's attention rows from its own weights: input_layernorm → q_proj / k_proj → RoPE as the layer
+applies it (`Adapter.layer_rope`: the `position_embeddings` it receives, or, on transformers 4.37, its
+`position_ids`) → scaled logits, causal and padding mask → softmax, in fp32.
 Rows are computed `chunk_size` query tokens at a time and reduced at once to
   - group sums: for each query row, the attention mass on each token group (system, spatial, prompt,
     answer; `adatoken.core.layout.GROUPS`), averaged over heads, summed per query group;
@@ -215,14 +216,11 @@ class _FlowHooks:
     def _hook(self, idx: int):
         def hook(module, args, kwargs):
             if self.current is not None:
-                self._reduce_layer(idx, args[0] if args else kwargs["hidden_states"], kwargs.get("position_embeddings"))
+                self._reduce_layer(idx, args[0] if args else kwargs["hidden_states"], kwargs)
         return hook
 
     @torch.no_grad()
-    def _reduce_layer(self, idx: int, hidden: torch.Tensor, position_embeddings) -> None:
-        if position_embeddings is None:
-            raise ValueError(f"decoder layer {idx} was called without `position_embeddings` (rotary cos/sin); "
-                             "flow analysis needs a transformers version whose decoder passes them to its layers")
+    def _reduce_layer(self, idx: int, hidden: torch.Tensor, layer_kwargs: dict) -> None:
         current, adapter = self.current, self.adapter
         batch, length = hidden.shape[:2]
         w_q, b_q, w_k, b_k = adapter.qk_weights(idx)
@@ -233,7 +231,7 @@ class _FlowHooks:
         q_norm, k_norm = adapter.qk_norms(idx)  # Qwen3-style per-head norms come before RoPE
         q = q if q_norm is None else q_norm(q)
         k = k if k_norm is None else k_norm(k)
-        cos, sin = (t.float()[:, None] for t in position_embeddings)
+        cos, sin = (t.float()[:, None] for t in adapter.layer_rope(idx, hidden, layer_kwargs))
         q = apply_rope(q.transpose(1, 2), cos, sin)
         k = apply_rope(k.transpose(1, 2), cos, sin)
 

@@ -152,6 +152,19 @@ class Adapter:
             return {"position_ids": positions}
         return {"position_ids": positions, "position_embeddings": self.decoder.rotary_emb(hidden, positions)}
 
+    def layer_rope(self, layer_idx: int, hidden: torch.Tensor, kwargs: dict, length: int | None = None):
+        """cos/sin [B, L, head_dim] a decoder layer applies in this call: handed to it as `position_embeddings`
+        (transformers 5), or computed the way its attention computes them from its `position_ids` (4.37, where
+        `length` bounds the rotary cache: the keys held, default the largest position + 1)."""
+        batch = hidden.shape[0]
+        if kwargs.get("position_embeddings") is not None:
+            return tuple(t.expand(batch, -1, -1) for t in kwargs["position_embeddings"])
+        positions = kwargs.get("position_ids")
+        if positions is None:
+            positions = torch.arange(hidden.shape[1], device=hidden.device)[None]
+        positions = positions.expand(batch, -1)
+        return self.rotary(layer_idx, hidden, positions, length or int(positions.max()) + 1)
+
     def rope_at(self, layer_idx: int, hidden: torch.Tensor, positions: torch.Tensor):
         """cos/sin [B, L, head_dim] of 1-D RoPE at any `positions` [B, L] (None for multimodal RoPE, whose
         positions are not one number per token)."""

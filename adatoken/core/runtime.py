@@ -484,10 +484,7 @@ class PruneState:
         batch, length = hidden.shape[:2]
         device = hidden.device
         index, slot_ok = run.slot_tables(batch, length, device)
-        if kwargs.get("position_embeddings") is not None:
-            cos, sin = (t.expand(batch, -1, -1) for t in kwargs["position_embeddings"])
-        else:  # the layer computes RoPE itself (transformers 4.37): from the positions it was given
-            cos, sin = self.adapter.rotary(idx, hidden, kwargs["position_ids"].expand(batch, -1), self.record.length)
+        cos, sin = self.adapter.layer_rope(idx, hidden, kwargs, self.record.length)
         positions = index
         real = run.layout.real.gather(1, index) & slot_ok
         ctx = RankContext(
