@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
+from adatoken.eval.boxes import as_box, unique_multiple
 from adatoken.eval.metrics import SQA3D_TYPES, sqa3d_question_type
 
 SQA3D_SPLITS = ("train", "val", "test")
@@ -296,12 +297,108 @@ def load_jsonl(path: str | Path) -> list[QARecord]:
     ))
 
 
+def _scanrefer_rows(path: Path, boxes: str | Path | None) -> list[tuple[_Record, list]]:
+    """ScanRefer-format records (scene_id, object_id, object_name, ann_id, description) with each one's box:
+    inline as "bbox" (8 corners, the benchmark files) or "box" (6 numbers), or from `boxes`, a JSON object
+    {"<scene_id>|<object_id>": box}."""
+    table = None
+    if boxes is not None:
+        table = _read_json(Path(boxes), 'box file (a JSON object {"<scene_id>|<object_id>": box})')
+        if not isinstance(table, dict):
+            raise DatasetFormatError(f"{boxes}: expected a JSON object mapping '<scene_id>|<object_id>' to a box")
+    rows = []
+    for location, data in _read_records(path, "ScanRefer-format file (e.g. ScanRefer_filtered_val.json)"):
+        r = _Record(path, location, data)
+        key = f"{r.text('scene_id')}|{r.question_id('object_id')}"
+        box = r.get("bbox") if r.has("bbox") else r.get("box") if r.has("box") else None
+        if box is None and table is not None:
+            box = table.get(key)
+        if box is None:
+            r.fail(f"no box for object {key!r}: give each record a 'bbox' (8 corners) or 'box' (cx, cy, cz, "
+                   "dx, dy, dz), or pass boxes=<JSON file mapping '<scene_id>|<object_id>' to a box>")
+        try:
+            as_box(box)
+        except ValueError as exc:
+            r.fail(f"box of object {key!r}: {exc}")
+        rows.append((r, box))
+    return rows
+
+
+def load_scanrefer(path: str | Path, boxes: str | Path | None = None) -> list[QARecord]:
+    """ScanRefer (3D grounding): one record per referring expression, id "<scene_id>-<object_id>_<ann_id>" as
+    ScanRefer names them; the question asks where the described object is, the answer is its box as text and
+    extra["box"] the box itself, extra["subset"] "unique" or "multiple" (eval.boxes.unique_multiple)."""
+    path = Path(path)
+    rows = _scanrefer_rows(path, boxes)
+    subsets = unique_multiple([r.data for r, _ in rows])
+    records = []
+    for (r, box), subset in zip(rows, subsets):
+        description = r.text("description")
+        records.append(QARecord(
+            question_id=f"{r.text('scene_id')}-{r.question_id('object_id')}_{r.question_id('ann_id')}",
+            scene_id=r.text("scene_id"), question=f"Where is the object described here? {description}",
+            answers=[_box_text(box)], qtype="grounding",
+            extra={"box": box, "subset": subset, "object_id": r.question_id("object_id"),
+                   "object_name": r.text("object_name"), "description": description},
+        ))
+    return _check_unique(records, path)
+
+
+def load_scan2cap(path: str | Path, boxes: str | Path | None = None) -> list[QARecord]:
+    """Scan2Cap (dense captioning) from ScanRefer-format annotations: one record per object, id
+    "<scene_id>|<object_id>", every description of the object a reference (Scan2Cap, lib/eval_helper.py:46-52),
+    extra["box"] its box."""
+    path = Path(path)
+    objects: dict[str, tuple[_Record, list, list[str]]] = {}
+    for r, box in _scanrefer_rows(path, boxes):
+        key = f"{r.text('scene_id')}|{r.question_id('object_id')}"
+        objects.setdefault(key, (r, box, []))[2].append(r.text("description"))
+    return [QARecord(question_id=key, scene_id=r.text("scene_id"), question=f"Describe the object at {_box_text(box)}.",
+                     answers=descriptions, qtype="captioning",
+                     extra={"box": box, "object_id": r.question_id("object_id"), "object_name": r.text("object_name")})
+            for key, (r, box, descriptions) in objects.items()]
+
+
+def load_llava3d_scan2cap(path: str | Path) -> list[QARecord]:
+    """LLaVA-3D's captioning eval file (llava-3d-scan2cap_val.json, read by its llava/eval/model_scan2cap.py:44-69):
+    records {id, video, target: {boxes: [[cx, cy, cz, dx, dy, dz, ...]]}, conversations: [question, answer]}."""
+    path = Path(path)
+
+    def build(r: _Record) -> QARecord:
+        target, turns = r.get("target"), r.get("conversations")
+        if not isinstance(target, dict) or not isinstance(target.get("boxes"), list) or not target["boxes"]:
+            r.fail(f"field 'target' is {target!r}, expected {{'boxes': [[cx, cy, cz, dx, dy, dz], ...]}}")
+        if not isinstance(turns, list) or len(turns) < 2 or not all(isinstance(t, dict) and isinstance(
+                t.get("value"), str) for t in turns[:2]):
+            r.fail("field 'conversations' must hold the question and the answer as {'value': text} turns")
+        box = target["boxes"][0][:6]
+        try:
+            as_box(box)
+        except ValueError as exc:
+            r.fail(f"target box: {exc}")
+        video = r.text("video")
+        return QARecord(question_id=r.question_id("id"), scene_id=video.rsplit("/", 1)[-1],
+                        question=turns[0]["value"], answers=[turns[1]["value"]], qtype="captioning",
+                        extra={"box": box, "video": video})
+
+    return _records(path, _read_json_or_jsonl(path, "LLaVA-3D Scan2Cap file (llava-3d-scan2cap_val.json)"), build)
+
+
+def _box_text(box) -> str:
+    """A box as the text LLaVA-3D's docs write it: [cx, cy, cz, dx, dy, dz], 2 decimals."""
+    low, high = as_box(box)
+    return "[" + ", ".join(f"{v:.2f}" for v in (*(low + high) / 2, *(high - low))) + "]"
+
+
 # name -> loader(path, **options).
 LOADERS: dict[str, Callable[..., list[QARecord]]] = {
     "scanqa": load_scanqa,
     "sqa3d": load_sqa3d,
     "llava3d": load_llava3d,
     "jsonl": load_jsonl,
+    "scanrefer": load_scanrefer,
+    "scan2cap": load_scan2cap,
+    "llava3d-scan2cap": load_llava3d_scan2cap,
 }  # the testbed adds "testbed" when imported (adatoken.testbed.answerer)
 
 
