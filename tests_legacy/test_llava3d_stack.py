@@ -224,3 +224,14 @@ def test_calibration_runs_on_llava3d_stack(tmp_path):
                              max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert out.shape[1] == 1 + 4  # 4.37 starts what it returns for inputs_embeds with a filled-in BOS
     assert adatoken.last_stats(model).spatial_in[-1][0] < NUM_SPATIAL
+
+
+def test_bench_runs_on_llava3d_stack(tmp_path, capsys):
+    """`adatoken bench` on transformers 4.37.2: its dtype keyword, no logits_to_keep, legacy cache tuples."""
+    from adatoken.cli import main
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--shape", "tiny-6l", "--spatial", "48", "--text", "12", "--methods", "fastv", "dart",
+                 "--retentions", "0.5", "--new-tokens", "2", "--repeats", "1", "--out", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "| dart@0.5 |" in table and "| fastv@0.5 |" in table and out.is_file()

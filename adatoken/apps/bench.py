@@ -15,6 +15,7 @@ convention) and the causal count (the pairs a flash kernel actually computes).
 """
 from __future__ import annotations
 
+import inspect
 import platform
 import statistics
 import time
@@ -55,7 +56,7 @@ def build_model(shape: str | None, config_path: str | None, device: str, dtype: 
     config._attn_implementation = "sdpa"
     with torch.device(device):
         try:
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+            model = AutoModelForCausalLM.from_config(config, **models.dtype_option(dtype))
         except ValueError as err:
             raise ValueError(f"cannot build a causal LM from a {config.model_type!r} config: {err}") from None
     return model.eval()
@@ -115,6 +116,13 @@ def _timed(fn, device: str) -> tuple[float, object]:
     return time.perf_counter() - start, out
 
 
+def _last_logits_only(model) -> dict:
+    """`logits_to_keep=1`, as transformers 5's generate asks for a prefill; 4.37 (LLaVA-3D's) has no such option
+    and computes every position's logits, pruned or not (inside `generate` the pruned model computes only the
+    last: docs/generate.md)."""
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+
 def measure_once(setup: Setup, new_tokens: int) -> dict:
     """One prefill (timed, with the ranking share) and, if new_tokens, one full generation."""
     model, device = setup.model, setup.device
@@ -122,7 +130,7 @@ def measure_once(setup: Setup, new_tokens: int) -> dict:
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         with selection_timer(model) as ranking:
-            prefill, _ = _timed(lambda: model(**setup.inputs, use_cache=True, logits_to_keep=1), device)
+            prefill, _ = _timed(lambda: model(**setup.inputs, use_cache=True, **_last_logits_only(model)), device)
         sample = {"prefill_s": prefill, "ranking_share": ranking.seconds / prefill}
         if new_tokens:
             clock = StepClock(device)
@@ -133,8 +141,8 @@ def measure_once(setup: Setup, new_tokens: int) -> dict:
             sample["ttft_s"] = clock.times[0] - clock.start
             if new_tokens > 1:
                 sample["decode_tok_s"] = setup.spatial.shape[0] * (new_tokens - 1) / (clock.times[-1] - clock.times[0])
-            sample["kv_cache_bytes"] = sum(t.numel() * t.element_size() for layer in out.past_key_values.layers
-                                           for t in (layer.keys, layer.values))
+            sample["kv_cache_bytes"] = sum(t.numel() * t.element_size() for t in adapters.cache_tensors(
+                out.past_key_values))
         if device.startswith("cuda"):
             sample["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
     return sample

@@ -233,3 +233,13 @@ def cache_keys(cache, layer_idx: int) -> torch.Tensor | None:
         return getattr(layers[layer_idx], "keys", None) if layer_idx < len(layers) else None
     key_cache = getattr(cache, "key_cache", None)
     return key_cache[layer_idx] if key_cache is not None and layer_idx < len(key_cache) else None
+
+
+def cache_tensors(cache) -> list[torch.Tensor]:
+    """Every key and value tensor a KV cache holds: transformers 5's `layers`, 4.37's DynamicCache lists, or the
+    legacy tuple of (key, value) per layer that 4.37's generate hands back."""
+    if getattr(cache, "layers", None) is not None:
+        return [t for layer in cache.layers for t in (layer.keys, layer.values) if t is not None]
+    if getattr(cache, "key_cache", None) is not None:
+        return [*cache.key_cache, *cache.value_cache]
+    return [t for layer in cache for t in layer]

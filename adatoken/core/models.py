@@ -72,6 +72,14 @@ def config(name: str, **overrides):
     return {"llama": LlamaConfig, "qwen2": Qwen2Config}[entry.family](**{**entry.config, **overrides})
 
 
+def dtype_option(dtype: torch.dtype) -> dict:
+    """The keyword that sets a model's dtype in from_config / from_pretrained: `dtype` in transformers 5,
+    `torch_dtype` in 4.x (LLaVA-3D's 4.37.2 rejects the new name, 5 deprecates the old one)."""
+    import transformers
+
+    return {"dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype": dtype}
+
+
 def build(name: str, attn: str = "sdpa", dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = 0):
     """A random-weight causal LM of the named shape, in eval mode; the same seed gives the same weights."""
     from transformers import AutoModelForCausalLM
@@ -80,7 +88,7 @@ def build(name: str, attn: str = "sdpa", dtype: torch.dtype = torch.float32, dev
     cfg._attn_implementation = attn
     torch.manual_seed(seed)
     with torch.device(device):
-        return AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
+        return AutoModelForCausalLM.from_config(cfg, **dtype_option(dtype)).eval()
 
 
 def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, attn: str = "sdpa"):
@@ -92,7 +100,7 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, attn: 
     if not path.is_dir():
         raise ValueError(f"a model checkpoint must be a local folder, got {path}")
     options = dict(config=AutoConfig.from_pretrained(path, local_files_only=True), local_files_only=True,
-                   dtype=dtype, attn_implementation=attn)
+                   attn_implementation=attn, **dtype_option(dtype))
     try:
         return AutoModelForCausalLM.from_pretrained(path, **options)
     except ValueError as err:  # multimodal wrappers such as LLaVA are image-text-to-text models
