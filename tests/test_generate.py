@@ -9,7 +9,7 @@ import torch
 
 import adatoken
 from adatoken.core.runtime import is_pruned
-from invariants import pruning
+from invariants import grid_points, pruning
 from tiny_models import IMAGE_TOKEN, build_model, make_prompt, model_inputs
 
 # never generate the image token: a step without a cache would hand LLaVA an image token without pixels
@@ -75,10 +75,39 @@ def test_interleaved_conversations_each_continue_their_own_cache():
     assert torch.equal(continued, straight)
 
 
-def test_static_cache_is_refused_with_the_alternative(llava):
-    adatoken.prune(llava, "fastv")
-    with pytest.raises(ValueError, match="static KV cache.*default dynamic cache"):
-        llava.generate(**llava_inputs(), max_new_tokens=2, cache_implementation="static", **GREEDY)
+STATIC_CASES = [("llava", "sdpa", "fastv"), ("llava", "eager", "pdrop"), ("qwen2_vl", "sdpa", "adatoken3d"),
+                ("qwen2_vl", "eager", "dart"), ("llama", "sdpa", "divprune"), ("llama", "eager", "coverage")]
+
+
+@pytest.mark.parametrize("family,attn,method", STATIC_CASES)
+def test_static_cache_equals_the_dynamic_cache(family, attn, method):
+    """Each layer's static cache holds what that layer kept, in its first slots; the masks never reach the
+    empty slots after them, in prefill and in every decoding step."""
+    model = build_model(family, attn)
+    ids, spatial = make_prompt(16 if family == "llava" else 40)
+    adatoken.prune(model, method, **({"retention": 0.5} if method != "pdrop" else {}))
+    inputs = model_inputs(model, family, ids)
+    with adatoken.spatial_tokens(model, spatial, points=grid_points(spatial)):
+        dynamic = model.generate(**inputs, max_new_tokens=10, **GREEDY)
+        static = model.generate(**inputs, max_new_tokens=10, cache_implementation="static", **GREEDY)
+    assert torch.equal(static, dynamic)
+    assert adatoken.last_stats(model).spatial_in[-1][0] < spatial.sum()
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_static_cache_left_padded_batch_equals_the_dynamic_cache(attn):
+    """Samples keeping different numbers of tokens: filler slots and padding stay masked in the static slots."""
+    model = build_model("llama", attn)
+    adatoken.prune(model, "adatoken3d", retention=0.5)
+    prompts = [make_prompt(40, seed=1)[0], make_prompt(23, prompt=4, seed=2)[0]]
+    width = max(p.shape[1] for p in prompts)
+    ids = torch.stack([torch.cat((torch.zeros(width - p.shape[1], dtype=torch.long), p[0])) for p in prompts])
+    mask = torch.stack([torch.arange(width) >= width - p.shape[1] for p in prompts]).long()
+    inputs = model_inputs(model, "llama", ids, attention_mask=mask)
+    with adatoken.spatial_tokens(model, ids == IMAGE_TOKEN):
+        dynamic = model.generate(**inputs, max_new_tokens=8, **GREEDY)
+        static = model.generate(**inputs, max_new_tokens=8, cache_implementation="static", **GREEDY)
+    assert torch.equal(static, dynamic)
 
 
 def test_a_deep_copy_is_pruned_on_its_own(llava):

@@ -25,6 +25,7 @@ How a pruned prefill runs (every decoder layer has a forward pre-hook, and a for
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 import warnings
 import weakref
@@ -113,6 +114,7 @@ class Prefill:
     extra: int = 0                        # tokens appended after the prefill so far
     cache: weakref.ref | None = None      # the KV cache that holds it (None: a forward without a cache)
     shift: list[torch.Tensor | None] = field(default_factory=list)  # per layer: [B] positions renumbered away
+    static: int | None = None  # a static cache's slots per layer; each layer writes its tokens at its own next ones
 
 
 class _RecordsByIdentity:
@@ -138,6 +140,8 @@ class Generation:
     the caller's input_ids: a model such as LLaVA-3D expands them into spatial tokens before its LLM)."""
 
     prompt_length: int | None = None
+    attention_mask: torch.Tensor | None = None  # the caller's [B, S] padding mask (generate may hand the
+    # decoder 4-D masks instead, as it does for a static cache)
 
 
 @dataclass
@@ -240,11 +244,9 @@ class PruneState:
         """The model's own `generate`, told which prompt it answers: every step of this call ranks by the
         prompt's last token (with or without a KV cache), and an explicit spatial mask of the prompt
         follows the batch as generate expands it (beams, num_return_sequences)."""
-        if kwargs.get("cache_implementation") == "static" or _is_static(kwargs.get("past_key_values")):
-            raise ValueError("adatoken does not support a static KV cache yet (each layer keeps a different number "
-                             "of tokens): use generate's default dynamic cache, or adatoken.unprune(model) first")
         previous = self.generation
-        self.generation = Generation()
+        mask = kwargs.get("attention_mask")
+        self.generation = Generation(attention_mask=mask if torch.is_tensor(mask) and mask.dim() == 2 else None)
         try:
             return type(self.model).generate(self.model, *args, **kwargs)
         finally:
@@ -363,6 +365,8 @@ class PruneState:
                      "pruning does not support sliding-window attention beyond the window")
         spatial = self._spatial_mask(batch, length, hidden.device)
         attention_mask = self.call_inputs.get("attention_mask")
+        if not (torch.is_tensor(attention_mask) and attention_mask.dim() == 2) and self.generation is not None:
+            attention_mask = self.generation.attention_mask  # generate built 4-D masks: the caller's padding
         if attention_mask is not None and (attention_mask.dim() != 2 or tuple(attention_mask.shape) != (batch, length)):
             attention_mask = None  # a 4-D or cache-length mask: padding is then already in the layer masks
         if attention_mask is not None and not bool(attention_mask[:, -1].all()):
@@ -377,7 +381,8 @@ class PruneState:
                             slots=[length] * batch, points=self._explicit_points(batch, length))
         per_layer = [None] * self.adapter.num_layers
         self.record = Prefill(length, list(per_layer), list(per_layer), shift=list(per_layer),
-                              cache=None if cache is None else weakref.ref(cache))
+                              cache=None if cache is None else weakref.ref(cache),
+                              static=cache.layers[0].max_cache_len if _is_static(cache) else None)
         self.stats = PruneStats([[0] * batch for _ in counts], [[0] * batch for _ in counts], self.adapter.text_config,
                                 layout.spatial, self.record)
 
@@ -581,7 +586,8 @@ class PruneState:
             if kwargs.get("position_ids") is not None:
                 sliced["position_ids"] = kwargs["position_ids"].expand(batch, -1).gather(1, at)
             sliced["attention_mask"] = _prefill_mask(kwargs.get("attention_mask"), index, run.slot_ok,
-                                                     self.adapter.attn_implementation, run.buffer.dtype)
+                                                     self.adapter.attn_implementation, run.buffer.dtype,
+                                                     self.record.static)
             run.sliced_for, run.sliced = index, sliced
         return {**kwargs, **run.sliced}
 
@@ -663,8 +669,29 @@ def _disallow(mask: torch.Tensor, blocked: torch.Tensor) -> torch.Tensor:
     return mask.masked_fill(blocked, torch.finfo(mask.dtype).min)
 
 
-def _prefill_mask(mask, index, slot_ok, impl: str, dtype):
+def _check_static_mask(mask) -> None:
+    if mask is not None and mask.dim() != 4:
+        raise ValueError("a static KV cache with pruning needs eager or sdpa attention (their 4-D masks); "
+                         f"this model's attention hands its layers a {mask.dim()}-D mask")
+
+
+def _with_empty_slots(held: torch.Tensor, width: int) -> torch.Tensor:
+    """A 4-D mask over the slots a layer holds, widened to a static cache's `width` slots, the rest never attended."""
+    empty = (*held.shape[:3], width - held.shape[-1])
+    blocked = torch.zeros(empty, dtype=torch.bool, device=held.device) if held.dtype == torch.bool else \
+        torch.full(empty, torch.finfo(held.dtype).min, dtype=held.dtype, device=held.device)
+    return torch.cat((held, blocked), -1)
+
+
+def _prefill_mask(mask, index, slot_ok, impl: str, dtype, static: int | None = None):
+    """The layer's mask over its current slots. With a static cache of `static` slots the keys are all of them: the
+    layer's tokens fill its first `length` slots (it writes them there), and the slots after them are empty."""
     batch, length = index.shape
+    if static:
+        _check_static_mask(mask)
+        held = _prefill_mask(None if mask is None else mask[..., : mask.shape[2]], index, slot_ok, impl, dtype)
+        # None: sdpa's is_causal aligns queries to the first keys, so it also never reaches the empty slots
+        return held if held is None else _with_empty_slots(held, static)
     if mask is None:
         if slot_ok is None:
             return None  # causal over slots is causal over original positions: sdpa's is_causal holds
@@ -682,6 +709,11 @@ def _prefill_mask(mask, index, slot_ok, impl: str, dtype):
 def _decode_mask(mask, record: Prefill, idx: int, num_new: int, impl: str, dtype):
     index, key_ok = record.key_index[idx], record.key_ok[idx]
     batch, prefix = index.shape[0], record.length
+    if record.static:  # slots: the layer's prefill tokens, the tokens since, then empty ones
+        _check_static_mask(mask)
+        window = None if mask is None else mask.expand(batch, -1, -1, -1)[..., : prefix + record.extra]
+        held = _decode_mask(window, dataclasses.replace(record, static=None), idx, num_new, impl, dtype)
+        return _with_empty_slots(held, record.static)
     if mask is None:
         total_new = record.extra
         new_pos = torch.arange(total_new, device=index.device)
