@@ -110,6 +110,34 @@ def test_static_cache_left_padded_batch_equals_the_dynamic_cache(attn):
     assert torch.equal(static, dynamic)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["adatoken3d", "pdrop"])
+def test_compiled_forward_with_static_cache_compiles_the_decode_step_once(method):
+    """`model.forward = torch.compile(model.forward)` + a static cache, the path to CUDA-graph decoding: the same
+    tokens as uncompiled, and a longer generation compiles nothing new (no recompilation per decoding step).
+    backend="eager" checks dynamo's capture (guards, graph breaks) without the cost of generating kernels."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    model = build_model("llama", "sdpa")
+    ids, spatial = make_prompt(40)
+    inputs = model_inputs(model, "llama", ids)
+    adatoken.prune(model, method, **({} if method == "pdrop" else {"retention": 0.5}))
+    static = dict(cache_implementation="static", **GREEDY)
+    with adatoken.spatial_tokens(model, spatial):
+        expected = model.generate(**inputs, max_new_tokens=10, **static)
+        model.forward = torch.compile(model.forward, backend="eager")
+        try:
+            short = model.generate(**inputs, max_new_tokens=3, **static)
+            counters.clear()
+            long = model.generate(**inputs, max_new_tokens=10, **static)
+        finally:
+            del model.forward
+            torch._dynamo.reset()
+    assert torch.equal(long, expected) and torch.equal(short, expected[:, :short.shape[1]])
+    assert counters["stats"].get("unique_graphs", 0) == 0  # steps 4-10 reused what steps 1-3 compiled
+
+
 def test_a_deep_copy_is_pruned_on_its_own(llava):
     adatoken.prune(llava, "fastv", layer=2, drop_ratio=0.5)
     inputs = llava_inputs()

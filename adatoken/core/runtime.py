@@ -115,6 +115,35 @@ class Prefill:
     cache: weakref.ref | None = None      # the KV cache that holds it (None: a forward without a cache)
     shift: list[torch.Tensor | None] = field(default_factory=list)  # per layer: [B] positions renumbered away
     static: int | None = None  # a static cache's slots per layer; each layer writes its tokens at its own next ones
+    _static_tables: list | None = field(default=None, repr=False)
+
+
+    def static_tables(self) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
+        """Per layer of a static cache of `static` slots: for each slot, the position (column of a decoding step's
+        mask) of the token it holds — the layer's prefill tokens, then the tokens decoded after the prompt, in
+        order — and whether it may hold one at all. (None, None) for a layer that holds every token."""
+        if self._static_tables is None:
+            tables = []
+            for index, ok in zip(self.key_index, self.key_ok):
+                if index is None:
+                    tables.append((None, None))
+                    continue
+                batch, held = index.shape
+                later = self.length + torch.arange(self.static - held, device=index.device).expand(batch, -1)
+                gather = torch.cat((index, later.clamp(max=self.static - 1)), 1)
+                may = torch.cat((torch.ones_like(index, dtype=torch.bool) if ok is None else ok,
+                                 later < self.static), 1)
+                tables.append((gather, may))
+            self._static_tables = tables
+        return self._static_tables
+
+
+@dataclass
+class StaticStep:
+    """A decoding step on a static cache: the prefill it continues and that prefill's static tables."""
+
+    record: Prefill
+    tables: list
 
 
 class _RecordsByIdentity:
@@ -199,6 +228,7 @@ class PruneState:
         self.call_inputs: dict = {}
         self.record: Prefill | None = None           # what the cache of the forward under way holds
         self.current: Pass | None = None             # the prefill under way
+        self.static_step: StaticStep | None = None   # a decoding step on a static cache (set before the forward)
         # What each prefill decided, found again through its KV cache: by the cache object (transformers
         # 5 keeps one through a conversation), or by its first layer's key tensor (4.37's generate hands
         # back legacy tuples, a new cache object each step). Weak: a dropped conversation frees its record.
@@ -261,13 +291,28 @@ class PruneState:
             "hidden_states_out": bool(kwargs.get("output_hidden_states",
                                                  getattr(module.config, "output_hidden_states", False))),
         }
+        self.static_step = self._static_step(kwargs, input_ids)
+
+    def _static_step(self, kwargs, input_ids) -> StaticStep | None:
+        """A decoding step that continues a pruned prefill in a static cache, worked out here, before the
+        forward: what the layers then do depends on no Python number that changes from step to step, so a
+        compiled forward (`model.forward = torch.compile(model.forward)`) captures the decoding step once."""
+        cache = kwargs.get("past_key_values")
+        record = self._record_of(cache) if _is_static(cache) else None
+        new = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+        if record is None or new is None or kwargs.get("output_attentions") or int(cache.get_seq_length()) == 0:
+            return None
+        record.extra += new.shape[1]
+        return StaticStep(record, record.static_tables())
 
     def _on_model_return(self, module, args, output):
         # forget the call's inputs when it ends, so a later direct call of the decoder never sees stale ones
-        self.call_inputs, self.record, self.current = {}, None, None
+        self.call_inputs, self.record, self.current, self.static_step = {}, None, None, None
 
     def _layer_pre_hook(self, idx: int, module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
+        if self.static_step is not None:
+            return self._continue_static(idx, hidden, args, kwargs)
         if idx == 0:
             cache = kwargs.get("past_key_values", kwargs.get("past_key_value"))  # transformers 5 / 4.37
             past = 0 if cache is None else cache.get_seq_length()
@@ -282,6 +327,8 @@ class PruneState:
         return self._prefill_layer(idx, hidden, args, kwargs)
 
     def _layer_post_hook(self, idx: int, is_last: bool, module, args, output):
+        if self.static_step is not None:  # its record is filed already
+            return None
         if is_last:
             self._remember(self.record)
         run = self.current
@@ -612,6 +659,20 @@ class PruneState:
                 "adatoken: spatial tokens arrived in a later turn of a conversation (after its first prefill); "
                 "they are kept, not pruned: only a prefill prunes. To prune them, start a new conversation "
                 "(a prefill without past_key_values) that holds them."))
+
+    def _continue_static(self, idx: int, hidden, args, kwargs):
+        """One decoding step in layer `idx` of a static cache: its mask is the step's mask gathered at the
+        positions the layer's slots hold (StaticStep), and a renumbering method's positions shift."""
+        record, gather, ok = self.static_step.record, *self.static_step.tables[idx]
+        mask = kwargs.get("attention_mask")
+        if gather is None or mask is None or mask.dim() != 4:
+            return None
+        mask = mask.expand(gather.shape[0], -1, -1, -1)
+        index = gather[:, None, None, :].expand(-1, mask.shape[1], mask.shape[2], -1)
+        changes = {"attention_mask": _disallow(mask.gather(3, index), ~ok[:, None, None, :])}
+        if record.shift[idx] is not None:
+            changes.update(self.adapter.shifted_positions(hidden, kwargs, record.shift[idx]))
+        return args, {**kwargs, **changes}
 
     def _continue_layer(self, idx: int, hidden, args, kwargs):
         record = self.record
