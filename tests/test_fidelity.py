@@ -99,17 +99,21 @@ def test_pdrop_decodes_at_the_released_positions():
     assert [seen[i][1] for i in range(6)] == expected  # call 0: the prefill, call 1: the first decoded token
 
 
-def test_fastv_and_pdrop_on_the_shipped_testbed():
+def testbed_prompt():
+    """The shipped testbed's LLM and one test question's inputs_embeds, spatial mask, and its spatial span."""
     from adatoken import testbed
 
     model = testbed.load()
     sample = testbed.load_split("test", num_scenes=1, cfg=model.spatial_config)[0]
     inputs = model.build_inputs([sample])
-    spatial = inputs.pop("spatial_mask")
-    start = int(spatial[0].nonzero()[0])
-    count = int(spatial.sum())
+    spatial = inputs["spatial_mask"]
+    start, count = int(spatial[0].nonzero()[0]), int(spatial.sum())
     assert spatial[0, start:start + count].all()  # one contiguous span, as the released code assumes
-    llm, embeds = model.llm, inputs["inputs_embeds"]
+    return model.llm, inputs["inputs_embeds"], spatial, start, count
+
+
+def test_fastv_and_pdrop_on_the_shipped_testbed():
+    llm, embeds, spatial, start, count = testbed_prompt()
     with torch.no_grad():
         expected, expected_logits = fastv_reference(llm, embeds, start, count, K=2, keep=round(count / 2))
     kept, logits = run_ours(llm, embeds, spatial, "fastv", layer=2, drop_ratio=0.5)
@@ -161,14 +165,7 @@ def test_divprune_selects_the_released_set(seed, ratio):
 
 
 def test_dart_and_divprune_on_the_shipped_testbed():
-    from adatoken import testbed
-
-    model = testbed.load()
-    sample = testbed.load_split("test", num_scenes=1, cfg=model.spatial_config)[0]
-    inputs = model.build_inputs([sample])
-    spatial = inputs.pop("spatial_mask")
-    start, count = int(spatial[0].nonzero()[0]), int(spatial.sum())
-    llm, embeds = model.llm, inputs["inputs_embeds"]
+    llm, embeds, spatial, start, count = testbed_prompt()
     with torch.no_grad():
         expected, expected_logits = dart_reference(llm, embeds, start, count, K=2, max_num_trunction=round(count / 4))
     kept, logits = run_ours(llm, embeds, spatial, "dart", layer=2, keep=0.25)
