@@ -33,8 +33,14 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/adatoken demo
 
+# LLaVA-3D's environment is Python 3.10; the torch build it would need is not installable here, so the check
+# is static: every module must compile under a 3.10 interpreter (pyenv's on these machines).
+PY310 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.10*/bin/python3.10) $(shell command -v python3.10))
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	@test -n "$(PY310)" || { echo "make lint: no Python 3.10 interpreter found (set PY310=/path/to/python3.10)"; exit 1; }
+	PYTHONPYCACHEPREFIX=$$(mktemp -d) $(PY310) -m compileall -q adatoken benchmarks tests tests_legacy
 
 test: lint $(LEGACY_STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider --durations=15
