@@ -235,3 +235,14 @@ def test_bench_runs_on_llava3d_stack(tmp_path, capsys):
                  "--retentions", "0.5", "--new-tokens", "2", "--repeats", "1", "--out", str(out)]) == 0
     table = capsys.readouterr().out
     assert "| dart@0.5 |" in table and "| fastv@0.5 |" in table and out.is_file()
+
+
+def test_a_forgotten_mask_warns_instead_of_running_unpruned_silently():
+    """LLaVA-3D's generate hands its LLM inputs_embeds; without adatoken.spatial_tokens nothing marks the
+    spatial tokens, and the pruned model says so once (#19 item 6)."""
+    model = build_model("sdpa")
+    embeds, _ = llava3d_inputs(model, make_prompt(), NUM_SPATIAL)
+    adatoken.prune(model, "fastv")
+    with pytest.warns(UserWarning, match="found no spatial tokens.*spatial_tokens"), torch.no_grad():
+        model(inputs_embeds=embeds)
+    assert adatoken.last_stats(model).spatial_in[-1] == [0]
