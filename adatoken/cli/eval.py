@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+import adatoken.eval.hf  # registers --model hf: local Hugging Face checkpoints
 import adatoken.testbed  # noqa: F401  (registers the testbed's model and question set)
 from adatoken.cli.common import check_device, reproducing_command
 from adatoken.core import adapters
@@ -33,7 +34,8 @@ def register(subparsers) -> None:
     what = parser.add_argument_group("model and questions")
     what.add_argument("--model", choices=sorted(ANSWERERS), default="testbed",
                       help="model to evaluate (default: testbed)")
-    what.add_argument("--checkpoint", help="model checkpoint folder (default: the testbed's, shipped in the package)")
+    what.add_argument("--checkpoint", help="model checkpoint folder (testbed default: the one shipped in the package; "
+                                           "hf: a local folder with the model and its processor)")
     what.add_argument("--dataset", choices=list(LOADERS), default="testbed",
                       help="question set format (default: testbed)")
     what.add_argument("--data", help="dataset file or folder (default for testbed: the model's checkpoint settings)")
@@ -116,6 +118,9 @@ def _check_args(args) -> None:
         raise ValueError("pass --retentions or --final-keeps, not both: they are two readings of one budget")
     if not args.final_keeps:
         args.retentions = args.retentions or DEFAULT_RETENTIONS
+    if args.model == "hf" and (args.checkpoint is None or args.dataset == "testbed"):
+        raise ValueError("--model hf answers image questions from a local checkpoint: pass --checkpoint PATH and "
+                         "--dataset jsonl --data QUESTIONS.jsonl (one {question_id, image, question, answers} a line)")
     if args.model == "testbed" and args.dataset != "testbed":
         raise ValueError(f"the testbed model answers only testbed questions, not --dataset {args.dataset}; "
                          "use --dataset testbed")

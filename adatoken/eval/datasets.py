@@ -287,14 +287,23 @@ def _llava3d_type(r: _Record) -> str:
 
 
 def load_jsonl(path: str | Path) -> list[QARecord]:
-    """adatoken's plain format: one {question_id, question, answers, scene_id?, qtype?, situation?}
-    per line; any other keys go to `extra`."""
+    """adatoken's plain format: one {question_id, question, answers, scene_id?, qtype?, situation?, image?}
+    per line; any other keys go to `extra`. `image` (for 2D models) is a file path, relative to the JSONL
+    file's folder or absolute; it must exist, and extra["image"] holds it resolved."""
     path = Path(path)
-    return _records(path, _read_jsonl(path, "JSONL question file"), lambda r: QARecord(
-        question_id=r.question_id(), scene_id=r.optional_text("scene_id"), question=r.text("question"),
-        answers=r.answers(), qtype=r.optional_text("qtype"), situation=r.optional_text("situation"),
-        extra=r.rest("question_id", "scene_id", "question", "answers", "qtype", "situation"),
-    ))
+
+    def build(r: _Record) -> QARecord:
+        extra = r.rest("question_id", "scene_id", "question", "answers", "qtype", "situation")
+        if r.has("image"):
+            image = (path.parent / r.text("image")).resolve()
+            if not image.is_file():
+                r.fail(f"image file not found: {image}")
+            extra["image"] = str(image)
+        return QARecord(question_id=r.question_id(), scene_id=r.optional_text("scene_id"), question=r.text("question"),
+                        answers=r.answers(), qtype=r.optional_text("qtype"), situation=r.optional_text("situation"),
+                        extra=extra)
+
+    return _records(path, _read_jsonl(path, "JSONL question file"), build)
 
 
 def _scanrefer_rows(path: Path, boxes: str | Path | None) -> list[tuple[_Record, list]]:

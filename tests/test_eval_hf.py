@@ -1,0 +1,84 @@
+"""`adatoken eval --model hf`: a local Hugging Face checkpoint (a tiny random LLaVA-1.5 saved with its processor,
+built offline here) answering an image-question JSONL, pruned by every method the sweep asks for."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+
+from adatoken.cli import main
+from tiny_models import IMAGE_TOKEN, VOCAB, build_model
+
+CHAT_TEMPLATE = ("{% for m in messages %}USER: {% for c in m['content'] %}{% if c['type'] == 'image' %}<image> "
+                 "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %} ASSISTANT:")
+WORDS = ["USER:", "ASSISTANT:", "what", "colour", "is", "the", "chair", "red", "blue", "how", "many", "two", "?"]
+
+
+def tiny_llava_checkpoint(folder):
+    """A random LLaVA-1.5 of the tests' size and a processor for it: a word-level tokenizer whose '<image>' is the
+    model's image token, CLIP preprocessing to 16 px (a 4 x 4 patch grid: 16 image tokens), a chat template."""
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3, **{w: 4 + i for i, w in enumerate(WORDS)}}
+    vocab.update({f"w{i}": i for i in range(len(vocab), IMAGE_TOKEN)}, **{"<image>": IMAGE_TOKEN})
+    assert len(vocab) == VOCAB
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                        pad_token="<pad>", extra_special_tokens={"image_token": "<image>"})
+    images = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    processor = LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=4,
+                               vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE,
+                               num_additional_image_tokens=1)
+    build_model("llava", "sdpa").save_pretrained(folder)
+    processor.save_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("llava")
+    tiny_llava_checkpoint(folder)
+    return folder
+
+
+def question_file(folder, count: int = 6):
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+        lines.append({"question_id": f"q{i}", "image": f"img{i}.png", "question": "what colour is the chair ?",
+                      "answers": ["red"]})
+    path = folder / "questions.jsonl"
+    path.write_text("\n".join(map(json.dumps, lines)) + "\n")
+    return path
+
+
+def test_eval_runs_a_local_checkpoint_with_pruning(checkpoint, tmp_path, capsys):
+    data = question_file(tmp_path)
+    args = ["eval", "--model", "hf", "--checkpoint", str(checkpoint), "--dataset", "jsonl", "--data", str(data),
+            "--methods", "none", "fastv", "adatoken3d", "--retentions", "0.5", "--batch-size", "4",
+            "--max-new-tokens", "3", "--out", str(tmp_path / "eval"), "--no-progress"]
+    assert main(args) == 0
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    rows = {row["key"]: row for row in report["rows"]}
+    assert rows["none"]["measured_retention"] == 1.0
+    assert rows["fastv@0.5"]["measured_retention"] == pytest.approx(0.5, abs=0.05)
+    assert rows["adatoken3d@0.5"]["flops_ratio"] < 1.0
+    predictions = [json.loads(line) for line in (tmp_path / "eval" / "predictions" / "rank0.jsonl").open()]
+    assert len(predictions) == 18 and all(p["spatial_in"][0] == 16 for p in predictions)  # 16 image tokens each
+
+
+def test_bad_input_names_the_file(checkpoint, tmp_path, capsys):
+    data = question_file(tmp_path, count=2)
+    (tmp_path / "img1.png").write_text("not an image")
+    base = ["eval", "--model", "hf", "--dataset", "jsonl", "--data", str(data), "--methods", "none",
+            "--out", str(tmp_path / "eval"), "--no-progress"]
+    assert main(base + ["--checkpoint", str(checkpoint)]) == 2
+    assert f"cannot read image {tmp_path / 'img1.png'}" in capsys.readouterr().err
+    (tmp_path / "img1.png").unlink()
+    assert main(base + ["--checkpoint", str(checkpoint), "--fresh"]) == 2
+    assert "image file not found" in capsys.readouterr().err
+    assert main(base + ["--checkpoint", str(tmp_path)]) == 2
+    assert "no config.json" in capsys.readouterr().err
+    assert main(base[:3] + ["--dataset", "testbed", "--methods", "none"]) == 2
+    assert "--model hf answers image questions" in capsys.readouterr().err
