@@ -94,6 +94,13 @@ def test_static_cache_equals_the_dynamic_cache(family, attn, method):
     assert adatoken.last_stats(model).spatial_in[-1][0] < spatial.sum()
 
 
+def test_attention_maps_with_a_static_cache_are_refused(llava):
+    adatoken.prune(llava, "fastv")
+    with pytest.raises(ValueError, match="output_attentions with a static KV cache"):
+        llava.generate(**llava_inputs(), max_new_tokens=2, cache_implementation="static", output_attentions=True,
+                       return_dict_in_generate=True, **GREEDY)
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_static_cache_left_padded_batch_equals_the_dynamic_cache(attn):
     """Samples keeping different numbers of tokens: filler slots and padding stay masked in the static slots."""

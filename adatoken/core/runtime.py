@@ -25,7 +25,6 @@ How a pruned prefill runs (every decoder layer has a forward pre-hook, and a for
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import time
 import warnings
 import weakref
@@ -116,7 +115,6 @@ class Prefill:
     shift: list[torch.Tensor | None] = field(default_factory=list)  # per layer: [B] positions renumbered away
     static: int | None = None  # a static cache's slots per layer; each layer writes its tokens at its own next ones
     _static_tables: list | None = field(default=None, repr=False)
-
 
     def static_tables(self) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
         """Per layer of a static cache of `static` slots: for each slot, the position (column of a decoding step's
@@ -274,6 +272,10 @@ class PruneState:
         """The model's own `generate`, told which prompt it answers: every step of this call ranks by the
         prompt's last token (with or without a KV cache), and an explicit spatial mask of the prompt
         follows the batch as generate expands it (beams, num_return_sequences)."""
+        if (kwargs.get("cache_implementation") == "static" or _is_static(kwargs.get("past_key_values"))) \
+                and kwargs.get("output_attentions"):
+            raise ValueError("output_attentions with a static KV cache is not supported on a pruned model (its maps "
+                             "would index the cache's slots, not positions): use the default dynamic cache")
         previous = self.generation
         mask = kwargs.get("attention_mask")
         self.generation = Generation(attention_mask=mask if torch.is_tensor(mask) and mask.dim() == 2 else None)
@@ -300,7 +302,7 @@ class PruneState:
         cache = kwargs.get("past_key_values")
         record = self._record_of(cache) if _is_static(cache) else None
         new = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
-        if record is None or new is None or kwargs.get("output_attentions") or int(cache.get_seq_length()) == 0:
+        if record is None or new is None or int(cache.get_seq_length()) == 0:
             return None
         record.extra += new.shape[1]
         return StaticStep(record, record.static_tables())
@@ -665,8 +667,12 @@ class PruneState:
         positions the layer's slots hold (StaticStep), and a renumbering method's positions shift."""
         record, gather, ok = self.static_step.record, *self.static_step.tables[idx]
         mask = kwargs.get("attention_mask")
-        if gather is None or mask is None or mask.dim() != 4:
+        if gather is None:
             return None
+        _check_static_mask(mask)
+        if mask is None:
+            raise ValueError("a static KV cache decoding step came without an attention mask; adatoken needs the "
+                             "4-D mask transformers builds for eager and sdpa attention")
         mask = mask.expand(gather.shape[0], -1, -1, -1)
         index = gather[:, None, None, :].expand(-1, mask.shape[1], mask.shape[2], -1)
         changes = {"attention_mask": _disallow(mask.gather(3, index), ~ok[:, None, None, :])}
@@ -770,11 +776,6 @@ def _prefill_mask(mask, index, slot_ok, impl: str, dtype, static: int | None = N
 def _decode_mask(mask, record: Prefill, idx: int, num_new: int, impl: str, dtype):
     index, key_ok = record.key_index[idx], record.key_ok[idx]
     batch, prefix = index.shape[0], record.length
-    if record.static:  # slots: the layer's prefill tokens, the tokens since, then empty ones
-        _check_static_mask(mask)
-        window = None if mask is None else mask.expand(batch, -1, -1, -1)[..., : prefix + record.extra]
-        held = _decode_mask(window, dataclasses.replace(record, static=None), idx, num_new, impl, dtype)
-        return _with_empty_slots(held, record.static)
     if mask is None:
         total_new = record.extra
         new_pos = torch.arange(total_new, device=index.device)
