@@ -51,3 +51,125 @@ def llava3d_inputs(model, ids: torch.Tensor, num_spatial: int, seed: int = 0):
     mask = torch.zeros(embeds.shape[:2], dtype=torch.bool)
     mask[0, at:at + num_spatial] = True
     return embeds, mask
+
+
+# ----- LLaVA-3D's public interface, reproduced (ZCMax/LLaVA-3D @ 91d979dc, read, not copied) ---------------------
+IGNORE_INDEX = -100
+LOC_TOKEN_INDEX = -300  # a click prompt <boxes>: one token, replaced one for one (llava/constants.py:24-25)
+
+
+class LlavaLlama3D(LlamaForCausalLM):
+    """A small model with LLaVA-3D's interface as its code defines it (llava/model/language_model/llava_llama.py
+    and llava/model/llava_arch.py): `forward` and `generate` take images (RGB views), depths, poses and
+    intrinsics, `generate` refuses inputs_embeds and prepares its inputs itself, and
+    `prepare_inputs_labels_for_multimodal` replaces the image placeholder by the scene's features, strips and
+    re-pads by `config.tokenizer_padding_side`, and returns (None, position_ids, attention_mask,
+    past_key_values, inputs_embeds, labels) with None where the caller gave None. The scene path in
+    miniature: every pixel back-projected with its depth, intrinsics and camera pose to a 3D point, pooled
+    into voxels (so scenes give different numbers of spatial tokens), each voxel's mean colour and centre
+    projected to the hidden size (LLaVA-3D adds a 3D position embedding to 2D patch features)."""
+
+    config_class = LlavaLlamaConfig
+    VOXEL = 0.5
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.voxel_features = torch.nn.Linear(6, config.hidden_size)
+
+    def encode_rgbd_videos(self, views, depths, poses, intrinsics) -> list[torch.Tensor]:
+        scenes = []
+        # per scene: rgb [V, 3, H, W], depth [V, H, W], pose [V, 4, 4] camera to world, K [V, 3, 3]
+        for rgb, depth, pose, K in zip(views, depths, poses, intrinsics):
+            h, w = depth.shape[-2:]
+            v, u = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32),
+                                  indexing="ij")
+            pixels = torch.stack((u, v, torch.ones_like(u)), -1).reshape(-1, 3)  # [H*W, 3]
+            camera = (torch.linalg.inv(K) @ pixels.T)[None] * depth.reshape(len(depth), 1, -1)  # [V, 3, H*W]
+            world = (pose[:, :3, :3] @ camera + pose[:, :3, 3:]).transpose(1, 2).reshape(-1, 3)
+            colour = rgb.reshape(len(rgb), 3, -1).transpose(1, 2).reshape(-1, 3)
+            _, voxel = torch.unique(torch.floor(world / self.VOXEL), dim=0, return_inverse=True)
+            count = torch.zeros(int(voxel.max()) + 1).index_add_(0, voxel, torch.ones(len(voxel)))
+            pooled = torch.zeros(len(count), 6).index_add_(0, voxel, torch.cat((colour, world), 1)) / count[:, None]
+            scenes.append(self.voxel_features(pooled))
+        return scenes
+
+    def prepare_inputs_labels_for_multimodal(self, input_ids, position_ids, attention_mask, past_key_values, labels,
+                                             images, depths, poses, intrinsics, lengths=None, clicks=None,
+                                             image_sizes=None):
+        if images is None or input_ids.shape[1] == 1:
+            return input_ids, position_ids, attention_mask, past_key_values, None, labels
+        features = self.encode_rgbd_videos(images, depths, poses, intrinsics)
+        given_mask, given_positions, given_labels = attention_mask, position_ids, labels
+        real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        labels = torch.full_like(input_ids, IGNORE_INDEX) if labels is None else labels
+        rows, row_labels = [], []
+        for b in range(len(input_ids)):
+            ids, lab = input_ids[b][real[b]], labels[b][real[b]]
+            parts, part_labels, start = [], [], 0
+            for at in (ids == PLACEHOLDER).nonzero().flatten().tolist():
+                parts += [self.get_input_embeddings()(ids[start:at].clamp(min=0)), features[b]]
+                part_labels += [lab[start:at], torch.full((len(features[b]),), IGNORE_INDEX)]
+                start = at + 1
+            parts.append(self.get_input_embeddings()(ids[start:].clamp(min=0)))
+            part_labels.append(lab[start:])
+            rows.append(torch.cat(parts))
+            row_labels.append(torch.cat(part_labels))
+        width = max(len(r) for r in rows)
+        left = getattr(self.config, "tokenizer_padding_side", "right") == "left"
+        embeds = torch.zeros(len(rows), width, rows[0].shape[-1])
+        new_mask = torch.zeros(len(rows), width, dtype=torch.bool)
+        new_positions = torch.zeros(len(rows), width, dtype=torch.long)
+        new_labels = torch.full((len(rows), width), IGNORE_INDEX)
+        for b, (row, lab) in enumerate(zip(rows, row_labels)):
+            span = slice(width - len(row), width) if left else slice(0, len(row))
+            embeds[b, span], new_mask[b, span], new_labels[b, span] = row, True, lab
+            new_positions[b, span] = torch.arange(len(row))
+        return (None, None if given_positions is None else new_positions,
+                None if given_mask is None else new_mask.to(given_mask.dtype), past_key_values, embeds,
+                None if given_labels is None else new_labels)
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, output_attentions=None, output_hidden_states=None,
+                images=None, depths=None, poses=None, intrinsics=None, lengths=None, clicks=None, image_sizes=None,
+                return_dict=None):
+        if inputs_embeds is None:
+            input_ids, position_ids, attention_mask, past_key_values, inputs_embeds, labels = \
+                self.prepare_inputs_labels_for_multimodal(input_ids, position_ids, attention_mask, past_key_values,
+                                                          labels, images, depths, poses, intrinsics, lengths, clicks)
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
+                               use_cache=use_cache, output_attentions=output_attentions,
+                               output_hidden_states=output_hidden_states, return_dict=return_dict)
+
+    @torch.no_grad()
+    def generate(self, inputs=None, images=None, depths=None, poses=None, intrinsics=None, lengths=None, clicks=None,
+                 image_sizes=None, **kwargs):
+        position_ids = kwargs.pop("position_ids", None)
+        attention_mask = kwargs.pop("attention_mask", None)
+        if "inputs_embeds" in kwargs:
+            raise NotImplementedError("`inputs_embeds` is not supported")
+        if images is not None:
+            inputs, position_ids, attention_mask, _, inputs_embeds, _ = self.prepare_inputs_labels_for_multimodal(
+                inputs, position_ids, attention_mask, None, None, images, depths, poses, intrinsics, lengths, clicks)
+        else:
+            inputs_embeds = self.get_input_embeddings()(inputs)
+        return super().generate(position_ids=position_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                                **kwargs)
+
+
+def build_3d_model(padding_side: str = "left", attn: str = "sdpa", seed: int = 0) -> LlavaLlama3D:
+    torch.manual_seed(seed)
+    config = LlavaLlamaConfig(**{**TINY, "max_position_embeddings": 4096}, attn_implementation=attn,
+                              tokenizer_padding_side=padding_side)
+    return LlavaLlama3D(config).eval()
+
+
+def rgbd_scene(seed: int, views: int = 2, size: int = 12):
+    """(images [V, 3, H, W], depths [V, H, W], poses [V, 4, 4], intrinsics [V, 3, 3]) of a random room."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(views, 3, size, size, generator=g)
+    depths = 1.0 + 3.0 * torch.rand(views, size, size, generator=g)
+    poses = torch.eye(4).repeat(views, 1, 1)
+    poses[:, :3, 3] = torch.rand(views, 3, generator=g) * 4
+    intrinsics = torch.tensor([[size / 2, 0, size / 2], [0, size / 2, size / 2], [0, 0, 1.0]]).repeat(views, 1, 1)
+    return images, depths, poses, intrinsics

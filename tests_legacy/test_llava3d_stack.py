@@ -5,8 +5,11 @@ attention (slicing a cos/sin cache to the number of keys the layer holds), masks
 built before the layers, the cache is a DynamicCache (legacy tuples inside `generate`) sized from layer
 0, and layers return tuples. The core invariants, on LLaVA-3D's prompt layout (system | spatial | prompt).
 """
+import warnings
+
 import pytest
 import torch
+from transformers import LlamaForCausalLM
 from transformers.cache_utils import DynamicCache
 
 import adatoken
@@ -22,7 +25,7 @@ from invariants import (
     pruning,
     top_by_log_attention,
 )
-from llava3d_models import build_model, llava3d_inputs, make_prompt
+from llava3d_models import build_3d_model, build_model, llava3d_inputs, make_prompt, rgbd_scene
 
 NUM_SPATIAL = 300
 
@@ -246,3 +249,58 @@ def test_a_forgotten_mask_warns_instead_of_running_unpruned_silently():
     with pytest.warns(UserWarning, match="found no spatial tokens.*spatial_tokens"), torch.no_grad():
         model(inputs_embeds=embeds)
     assert adatoken.last_stats(model).spatial_in[-1] == [0]
+
+
+def _scene_batch(model, seeds, prompt_seeds):
+    """LLaVA-3D's generate arguments for a batch of scenes: left-padded input_ids with the <image> placeholder."""
+    prompts = [make_prompt(seed=s) for s in prompt_seeds]
+    width = max(p.shape[1] for p in prompts)
+    ids = torch.stack([torch.cat((torch.zeros(width - p.shape[1], dtype=torch.long), p[0])) for p in prompts])
+    mask = torch.stack([torch.arange(width) >= width - p.shape[1] for p in prompts]).long()
+    scenes = [rgbd_scene(s, views=2 + i) for i, s in enumerate(seeds)]  # more views, more voxels
+    return dict(inputs=ids, attention_mask=mask, images=[s[0] for s in scenes], depths=[s[1] for s in scenes],
+                poses=[s[2] for s in scenes], intrinsics=[s[3] for s in scenes])
+
+
+@pytest.mark.parametrize("method", ["fastv", "adatoken3d"])
+def test_llava3d_own_generate_prunes_as_it_is(method):
+    """`adatoken.prune(model)` on a model with LLaVA-3D's interface, then its own generate(input_ids, images=,
+    depths=, poses=, intrinsics=): the spatial tokens are found from its input preparation (no mask, no glue),
+    a batch of two scenes with different token counts is pruned per sample, and the tokens equal the glue path
+    (preparing the inputs by hand and marking them with adatoken.spatial_tokens)."""
+    model = build_3d_model()
+    batch = _scene_batch(model, seeds=[1, 2], prompt_seeds=[3, 4])
+    _, _, new_mask, _, embeds, _ = model.prepare_inputs_labels_for_multimodal(
+        batch["inputs"], None, batch["attention_mask"], None, None, batch["images"], batch["depths"], batch["poses"],
+        batch["intrinsics"])
+    counts = [int(len(f)) for f in model.encode_rgbd_videos(batch["images"], batch["depths"], batch["poses"],
+                                                            batch["intrinsics"])]
+    assert counts[0] != counts[1]
+    adatoken.prune(model, method, retention=0.5)
+    greedy = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no "found no spatial tokens" warning
+        warnings.filterwarnings("ignore", message="adatoken3d is running without a fitted schedule")
+        out = model.generate(**batch, **greedy)
+    stats = adatoken.last_stats(model)
+    assert [stats.spatial_in[0][b] for b in range(2)] == counts and all(
+        stats.spatial_in[-1][b] < counts[b] for b in range(2))
+    spatial = adapters.prepared_spatial_mask(batch["inputs"], batch["attention_mask"], new_mask,
+                                                          embeds.shape[1], "left")
+    with adatoken.spatial_tokens(model, spatial):
+        glued = LlamaForCausalLM.generate(model, inputs_embeds=embeds, attention_mask=new_mask, **greedy)
+    assert torch.equal(out, glued)
+    with pytest.raises(NotImplementedError, match="inputs_embeds"):
+        model.generate(inputs_embeds=embeds)
+
+
+def test_llava3d_forward_needs_no_mask():
+    """LLaVA-3D's forward prepares its inputs too (training, scoring): pruned with no hand-built mask."""
+    model = build_3d_model()
+    batch = _scene_batch(model, seeds=[5], prompt_seeds=[6])
+    adatoken.prune(model, "fastv", retention=0.5)
+    with torch.no_grad():
+        model(input_ids=batch["inputs"], images=batch["images"], depths=batch["depths"], poses=batch["poses"],
+              intrinsics=batch["intrinsics"])
+    stats = adatoken.last_stats(model)
+    assert stats.spatial_in[0][0] > 100 and stats.spatial_in[-1][0] < stats.spatial_in[0][0]

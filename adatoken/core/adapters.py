@@ -243,3 +243,34 @@ def cache_tensors(cache) -> list[torch.Tensor]:
     if getattr(cache, "key_cache", None) is not None:
         return [*cache.key_cache, *cache.value_cache]
     return [t for layer in cache for t in layer]
+
+
+# LLaVA's codebase (LLaVA-1.5, LLaVA-3D) marks the image in input_ids with this placeholder id, which its
+# `prepare_inputs_labels_for_multimodal` replaces by the image's (or scene's) features before the LLM runs.
+LLAVA_IMAGE_TOKEN_INDEX = -200
+
+
+def prepared_spatial_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, new_mask: torch.Tensor | None,
+                          new_length: int, padding_side: str) -> torch.Tensor | None:
+    """Where LLaVA-style input preparation put the spatial tokens: [B, new_length] bool, or None without any.
+
+    Each sample's placeholder (one per sample) became N features at its place in the sample's real tokens;
+    everything else (click tokens included) stays one for one, so N = the sample's new length minus its other
+    tokens. New lengths come from the returned mask (`new_mask`), or are `new_length` when it is None (one
+    sample, or no padding); samples are padded on `padding_side` (LLaVA's config.tokenizer_padding_side)."""
+    batch = input_ids.shape[0]
+    real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    lengths = [new_length] * batch if new_mask is None else new_mask.bool().sum(1).tolist()
+    spatial = torch.zeros(batch, new_length, dtype=torch.bool, device=input_ids.device)
+    for b in range(batch):
+        ids = input_ids[b][real[b]]
+        places = (ids == LLAVA_IMAGE_TOKEN_INDEX).nonzero().flatten().tolist()
+        if len(places) > 1:
+            raise ValueError(f"sample {b} holds {len(places)} image placeholders; adatoken reads one image (scene) "
+                             "per sample from LLaVA's input preparation: mark the spatial tokens yourself with "
+                             "adatoken.spatial_tokens(model, mask)")
+        if places:
+            count = lengths[b] - (len(ids) - 1)
+            start = (new_length - lengths[b] if padding_side == "left" else 0) + places[0]
+            spatial[b, start:start + count] = True
+    return spatial if bool(spatial.any()) else None

@@ -222,6 +222,7 @@ class PruneState:
         self.explicit_spatial: torch.Tensor | None = None
         self.explicit_query: torch.Tensor | int | None = None
         self.explicit_points: torch.Tensor | None = None
+        self.prepared_spatial: torch.Tensor | None = None  # where LLaVA's input preparation put them (this call)
         self.generation: Generation | None = None    # the `generate` call under way, if any
         self.call_inputs: dict = {}
         self.record: Prefill | None = None           # what the cache of the forward under way holds
@@ -260,6 +261,8 @@ class PruneState:
         for rotary in self.adapter.attention_rotaries:
             self.handles.append(rotary.register_forward_pre_hook(self._widen_rotary, with_kwargs=True))
         model.generate = self.generate  # an instance attribute: unprune deletes it, the class's stays
+        if callable(getattr(model, "prepare_inputs_labels_for_multimodal", None)):  # LLaVA's codebase (LLaVA-3D)
+            model.prepare_inputs_labels_for_multimodal = self._prepare_inputs_labels_for_multimodal
 
     def detach(self) -> None:
         for handle in self.handles:
@@ -267,6 +270,23 @@ class PruneState:
         self.handles.clear()
         if self.model.__dict__.get("generate") == self.generate:
             del self.model.generate
+        prepare = "prepare_inputs_labels_for_multimodal"
+        if self.model.__dict__.get(prepare) == self._prepare_inputs_labels_for_multimodal:
+            delattr(self.model, prepare)
+
+    def _prepare_inputs_labels_for_multimodal(self, input_ids, position_ids, attention_mask, *args, **kwargs):
+        """The model's own input preparation (LLaVA's codebase, LLaVA-3D's included: the image placeholder in
+        input_ids becomes the scene's spatial tokens), which also tells the runtime where they went, so its
+        own `generate(input_ids, images=..., depths=..., poses=..., intrinsics=...)` and forward prune as
+        they are."""
+        out = type(self.model).prepare_inputs_labels_for_multimodal(self.model, input_ids, position_ids, attention_mask,
+                                                                  *args, **kwargs)
+        embeds = out[4]
+        if embeds is not None and torch.is_tensor(input_ids):
+            side = getattr(self.model.config, "tokenizer_padding_side", "right")
+            self.prepared_spatial = adapters.prepared_spatial_mask(input_ids, attention_mask, out[2],
+                                                                   embeds.shape[1], side)
+        return out
 
     def generate(self, *args, **kwargs):
         """The model's own `generate`, told which prompt it answers: every step of this call ranks by the
@@ -282,7 +302,7 @@ class PruneState:
         try:
             return type(self.model).generate(self.model, *args, **kwargs)
         finally:
-            self.generation = previous
+            self.generation, self.prepared_spatial = previous, None
 
     def _on_model_call(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args and torch.is_tensor(args[0]) else None)
@@ -310,6 +330,8 @@ class PruneState:
     def _on_model_return(self, module, args, output):
         # forget the call's inputs when it ends, so a later direct call of the decoder never sees stale ones
         self.call_inputs, self.record, self.current, self.static_step = {}, None, None, None
+        if self.generation is None:  # inside generate, its prompt's preparation holds for every step
+            self.prepared_spatial = None
 
     def _layer_pre_hook(self, idx: int, module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
@@ -446,7 +468,8 @@ class PruneState:
     def _explicit_mask(self, batch: int, length: int) -> torch.Tensor | None:
         """The mask given with `spatial_tokens`, fitted to this forward inside `generate`: repeated as generate
         repeats the prompt (beams, num_return_sequences), and False over tokens generated after the prompt."""
-        mask, call = self.explicit_spatial, self.generation
+        mask = self.explicit_spatial if self.explicit_spatial is not None else self.prepared_spatial
+        call = self.generation
         if mask is None or call is None or not torch.is_tensor(mask) or mask.dim() != 2:
             return mask
         if mask.shape[0] < batch and batch % mask.shape[0] == 0:  # generate repeats each prompt in place
