@@ -7,6 +7,7 @@ built before the layers, the cache is a DynamicCache (legacy tuples inside `gene
 """
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from transformers import LlamaForCausalLM
@@ -304,3 +305,25 @@ def test_llava3d_forward_needs_no_mask():
               intrinsics=batch["intrinsics"])
     stats = adatoken.last_stats(model)
     assert stats.spatial_in[0][0] > 100 and stats.spatial_in[-1][0] < stats.spatial_in[0][0]
+
+
+def test_llava3d_calibration_needs_no_mask():
+    """analyze on LLaVA-3D's own inputs (scene + question + answer as input_ids with the placeholder, the query
+    index counted in input_ids): the same flow as analysing the prepared embeddings with the mask by hand."""
+    model = build_3d_model()
+    batch = _scene_batch(model, seeds=[7], prompt_seeds=[8])
+    ids = torch.cat((batch["inputs"], torch.tensor([[5, 9, 13]])), 1)  # three answer tokens
+    query = batch["inputs"].shape[1] - 1
+    scene = dict(images=batch["images"], depths=batch["depths"], poses=batch["poses"], intrinsics=batch["intrinsics"])
+    report = adatoken.analyze(model, [adatoken.FlowSample(dict(input_ids=ids, **scene), query_index=query)],
+                              progress=False)
+    _, _, _, _, embeds, _ = model.prepare_inputs_labels_for_multimodal(ids, None, None, None, None, **scene)
+    spatial = adapters.prepared_spatial_mask(ids, None, None, embeds.shape[1], "left")
+    count = int(spatial.sum())
+    by_hand = adatoken.analyze(model, [adatoken.FlowSample({"inputs_embeds": embeds}, spatial, query + count - 1)],
+                               progress=False)
+    assert count > 100 and np.array_equal(report.s_self, by_hand.s_self)
+    schedule = adatoken.fit_schedule(report.inf, report.num_layers, retention=0.5)
+    adatoken.prune(model, "adatoken3d", schedule=schedule)
+    out = model.generate(**batch, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert out.shape[0] == 1 and adatoken.last_stats(model).spatial_in[-1][0] < count

@@ -373,6 +373,7 @@ def analyze(model: nn.Module, samples: Iterable[FlowSample], params: FlowParams 
     try:
         total = len(samples) if hasattr(samples, "__len__") else None
         for sample in tqdm(samples, total=total, desc="flow analysis", unit="sample", disable=not progress):
+            sample = _prepared(model, sample)
             layout = _sample_layout(adapter, sample)
             groups = layout.group_ids()
             has_answer = (groups == ANSWER).any(1, keepdim=True)
@@ -388,6 +389,40 @@ def analyze(model: nn.Module, samples: Iterable[FlowSample], params: FlowParams 
     if not rows.num_samples:
         raise ValueError("analyze needs at least one calibration sample")
     return rows.report(adapter, params)
+
+
+def _prepared(model: nn.Module, sample: FlowSample) -> FlowSample:
+    """A sample for a model of LLaVA's codebase (LLaVA-3D) given as its own inputs (input_ids with the image
+    placeholder, images, depths, poses, intrinsics, ...) and no spatial mask: run the model's input preparation
+    once, as its forward would, and analyse the prepared inputs_embeds with the spatial tokens where it put
+    them. query_index, if given, counts positions of input_ids; it is moved to the prepared sequence."""
+    inputs = sample.inputs
+    ids = inputs.get("input_ids")
+    prepare = getattr(type(model), "prepare_inputs_labels_for_multimodal", None)
+    if sample.spatial_mask is not None or prepare is None or ids is None \
+            or not bool((ids == adapters.LLAVA_IMAGE_TOKEN_INDEX).any()):
+        return sample
+    parameters = list(inspect.signature(prepare).parameters)[1:]  # after self
+    with torch.no_grad():
+        out = prepare(model, **{name: inputs.get(name) for name in parameters if name in inputs or name in (
+            "position_ids", "attention_mask", "past_key_values", "labels", "images", "depths", "poses", "intrinsics",
+            "lengths")})
+    embeds, new_mask = out[4], out[2]
+    side = getattr(model.config, "tokenizer_padding_side", "right")
+    spans = adapters.prepared_spans(ids, inputs.get("attention_mask"), new_mask, embeds.shape[1], side)
+    spatial = adapters.prepared_spatial_mask(ids, inputs.get("attention_mask"), new_mask, embeds.shape[1], side)
+    query = sample.query_index
+    if query is not None:
+        query = check_query_index(query, len(ids), ids.shape[1], ids.device).tolist()
+        real = inputs.get("attention_mask", torch.ones_like(ids)).bool()
+        moved = []
+        for b, (q, span) in enumerate(zip(query, spans)):
+            index = int(real[b, :q].sum())  # the query's index among the sample's real tokens
+            offset, place, count = span or (0, index, 1)
+            moved.append(offset + index + (count - 1 if place < index else 0))
+        query = moved
+    prepared = {"inputs_embeds": embeds, **({} if new_mask is None else {"attention_mask": new_mask})}
+    return FlowSample(prepared, spatial, query)
 
 
 def _sample_layout(adapter: adapters.Adapter, sample: FlowSample) -> TokenLayout:

@@ -250,27 +250,36 @@ def cache_tensors(cache) -> list[torch.Tensor]:
 LLAVA_IMAGE_TOKEN_INDEX = -200
 
 
-def prepared_spatial_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, new_mask: torch.Tensor | None,
-                          new_length: int, padding_side: str) -> torch.Tensor | None:
-    """Where LLaVA-style input preparation put the spatial tokens: [B, new_length] bool, or None without any.
+def prepared_spans(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, new_mask: torch.Tensor | None,
+                   new_length: int, padding_side: str) -> list[tuple[int, int, int] | None]:
+    """Where LLaVA-style input preparation put each sample's spatial tokens: per sample (start of the sample's
+    real tokens in the new input, the placeholder's index among them, how many tokens it became), or None.
 
     Each sample's placeholder (one per sample) became N features at its place in the sample's real tokens;
     everything else (click tokens included) stays one for one, so N = the sample's new length minus its other
     tokens. New lengths come from the returned mask (`new_mask`), or are `new_length` when it is None (one
     sample, or no padding); samples are padded on `padding_side` (LLaVA's config.tokenizer_padding_side)."""
-    batch = input_ids.shape[0]
     real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-    lengths = [new_length] * batch if new_mask is None else new_mask.bool().sum(1).tolist()
-    spatial = torch.zeros(batch, new_length, dtype=torch.bool, device=input_ids.device)
-    for b in range(batch):
+    lengths = [new_length] * len(input_ids) if new_mask is None else new_mask.bool().sum(1).tolist()
+    spans = []
+    for b, length in enumerate(lengths):
         ids = input_ids[b][real[b]]
         places = (ids == LLAVA_IMAGE_TOKEN_INDEX).nonzero().flatten().tolist()
         if len(places) > 1:
             raise ValueError(f"sample {b} holds {len(places)} image placeholders; adatoken reads one image (scene) "
                              "per sample from LLaVA's input preparation: mark the spatial tokens yourself with "
                              "adatoken.spatial_tokens(model, mask)")
-        if places:
-            count = lengths[b] - (len(ids) - 1)
-            start = (new_length - lengths[b] if padding_side == "left" else 0) + places[0]
-            spatial[b, start:start + count] = True
+        offset = new_length - length if padding_side == "left" else 0
+        spans.append((offset, places[0], length - (len(ids) - 1)) if places else None)
+    return spans
+
+
+def prepared_spatial_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, new_mask: torch.Tensor | None,
+                          new_length: int, padding_side: str) -> torch.Tensor | None:
+    """[B, new_length] bool: the spatial tokens of LLaVA-style prepared inputs (`prepared_spans`), or None."""
+    spatial = torch.zeros(len(input_ids), new_length, dtype=torch.bool, device=input_ids.device)
+    for b, span in enumerate(prepared_spans(input_ids, attention_mask, new_mask, new_length, padding_side)):
+        if span is not None:
+            offset, place, count = span
+            spatial[b, offset + place:offset + place + count] = True
     return spatial if bool(spatial.any()) else None
