@@ -136,6 +136,21 @@ def test_generate_with_cache_equals_recomputation(family, attn):
     assert generated[0, -16:].tolist() == _greedy_without_cache(model, family, kwargs, 16)
 
 
+@pytest.mark.parametrize("family", FAMILIES + ["qwen2", "mistral"])
+def test_static_cache_equals_the_dynamic_cache(family):
+    """Every family of the support table decodes from a static KV cache as from the dynamic one (sdpa; eager
+    and the LLaVA / LLaMA rows: tests/test_generate.py)."""
+    model = build_model(family, "sdpa")
+    adatoken.prune(model, "fastv", layer=2)
+    kwargs = inputs(model, family)
+    greedy = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0, suppress_tokens=PLACEHOLDERS)
+    with torch.no_grad(), marking(model, family, kwargs):
+        dynamic = model.generate(**call_kwargs(family, kwargs), **greedy)
+        static = model.generate(**call_kwargs(family, kwargs), cache_implementation="static", **greedy)
+    assert adatoken.last_stats(model).spatial_in[-1][0] < int(spatial_of(kwargs).sum())
+    assert torch.equal(static, dynamic)
+
+
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_qwen2_vl_padded_batch_equals_samples_alone(attn):
     """Left padding shifts Qwen2-VL's 3-D positions per sample (get_rope_index skips the padding)."""
