@@ -9,7 +9,8 @@ from tiny_models import IMAGE_TOKEN, build_model, make_prompt, model_inputs
 
 
 def test_unknown_method_lists_valid_ones():
-    with pytest.raises(ValueError, match="valid methods: adatoken3d, fastv, none, pdrop, random"):
+    valid = "adatoken3d, coverage, dart, divprune, fastv, none, pdrop, random"
+    with pytest.raises(ValueError, match=f"valid methods: {valid}"):
         adatoken.PruneConfig("fastvv")
 
 

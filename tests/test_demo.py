@@ -7,6 +7,7 @@ import torch
 from adatoken.apps.demo import stages
 from adatoken.cli import main
 from adatoken.core import models
+from adatoken.eval.runner import default_methods
 from adatoken.testbed import data as testbed_data
 from adatoken.testbed import model as testbed_model
 from adatoken.testbed.spatial import SpatialConfig
@@ -64,7 +65,8 @@ def test_demo_writes_the_report_and_reuses_its_stages(checkpoint, tmp_path, caps
     assert sorted(p.name for p in (out / "schedules").glob("schedule-*.json")) == ["schedule-0.4.json"]
 
     rows = {row["key"]: row for row in first["eval"]["rows"]}
-    assert set(rows) == {"none"} | {f"{m}@{r}" for m in ("fastv", "pdrop", "random", "adatoken3d") for r in RETENTIONS}
+    methods = [m for m in default_methods() if m != "none"]  # every registered method
+    assert set(rows) == {"none"} | {f"{m}@{r}" for m in methods for r in RETENTIONS}
     for key, row in rows.items():  # every config either ran (EM with its interval) or says why not
         assert (row["em"] is None) == (row["skipped"] is not None), key
         if row["em"] is not None:

@@ -396,6 +396,8 @@ def _prepared(model: nn.Module, sample: FlowSample) -> FlowSample:
     placeholder, images, depths, poses, intrinsics, ...) and no spatial mask: run the model's input preparation
     once, as its forward would, and analyse the prepared inputs_embeds with the spatial tokens where it put
     them. query_index, if given, counts positions of input_ids; it is moved to the prepared sequence."""
+    if not isinstance(sample, FlowSample):
+        return sample  # _sample_layout says what is wrong with it
     inputs = sample.inputs
     ids = inputs.get("input_ids")
     prepare = getattr(type(model), "prepare_inputs_labels_for_multimodal", None)
