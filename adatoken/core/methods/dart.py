@@ -92,6 +92,7 @@ class DART(Method):
                                        image_pivots=c.image_pivots, text_pivots=c.text_pivots)
             # the kept set first; then (only if the count asks for more, with fewer text pivots than configured)
             # the tokens whose keys have the largest L1 norm
-            scores[b, slots] = keys[b, slots].norm(p=1, dim=-1) / (1 + keys[b, slots].norm(p=1, dim=-1).max())
+            key_l1 = keys[b, slots].norm(p=1, dim=-1)
+            scores[b, slots] = key_l1 / (1 + key_l1.max())
             scores[b, slots[kept]] = 2.0
         return scores
