@@ -50,7 +50,8 @@ def test_dart_keep_by_hand():
     hidden[:, 0] = 1.0
     hidden[3] = torch.tensor([0.0, 1.0])   # orthogonal to the pivots: least similar, picked first
     hidden[5] = torch.tensor([-1.0, 0.0])  # opposite: picked first by any pivot
-    kept = selection.dart_keep(hidden, keys, [1, 2, 3, 4, 5, 6], [7, 8], per_pivot=1, image_pivots=1, text_pivots=1)
+    kept = selection.dart_keep(hidden, keys.norm(p=1, dim=-1), [1, 2, 3, 4, 5, 6], [7, 8], per_pivot=1,
+                               image_pivots=1, text_pivots=1)
     assert kept == [2, 3, 5]  # the image pivot, then each pivot's least similar token; text pivot 8 removed
 
 

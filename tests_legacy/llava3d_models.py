@@ -2,6 +2,10 @@
 `prepare_inputs_labels_for_multimodal` builds them. No downloads."""
 from __future__ import annotations
 
+import json
+import sys
+from pathlib import Path
+
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -80,6 +84,7 @@ class LlavaLlama3D(LlamaForCausalLM):
         scenes = []
         # per scene: rgb [V, 3, H, W], depth [V, H, W], pose [V, 4, 4] camera to world, K [V, 3, 3]
         for rgb, depth, pose, K in zip(views, depths, poses, intrinsics):
+            rgb, depth, pose, K = rgb.float(), depth.float(), pose.float(), K.float()  # geometry in fp32
             h, w = depth.shape[-2:]
             v, u = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32),
                                   indexing="ij")
@@ -90,7 +95,7 @@ class LlavaLlama3D(LlamaForCausalLM):
             _, voxel = torch.unique(torch.floor(world / self.VOXEL), dim=0, return_inverse=True)
             count = torch.zeros(int(voxel.max()) + 1).index_add_(0, voxel, torch.ones(len(voxel)))
             pooled = torch.zeros(len(count), 6).index_add_(0, voxel, torch.cat((colour, world), 1)) / count[:, None]
-            scenes.append(self.voxel_features(pooled))
+            scenes.append(self.voxel_features(pooled.to(self.voxel_features.weight.dtype)))
         return scenes
 
     def prepare_inputs_labels_for_multimodal(self, input_ids, position_ids, attention_mask, past_key_values, labels,
@@ -116,7 +121,7 @@ class LlavaLlama3D(LlamaForCausalLM):
             row_labels.append(torch.cat(part_labels))
         width = max(len(r) for r in rows)
         left = getattr(self.config, "tokenizer_padding_side", "right") == "left"
-        embeds = torch.zeros(len(rows), width, rows[0].shape[-1])
+        embeds = rows[0].new_zeros(len(rows), width, rows[0].shape[-1])
         new_mask = torch.zeros(len(rows), width, dtype=torch.bool)
         new_positions = torch.zeros(len(rows), width, dtype=torch.long)
         new_labels = torch.full((len(rows), width), IGNORE_INDEX)
@@ -173,3 +178,45 @@ def rgbd_scene(seed: int, views: int = 2, size: int = 12):
     poses[:, :3, 3] = torch.rand(views, 3, generator=g) * 4
     intrinsics = torch.tensor([[size / 2, 0, size / 2], [0, size / 2, size / 2], [0, 0, 1.0]]).repeat(views, 1, 1)
     return images, depths, poses, intrinsics
+
+
+# ----- a LLaVA-3D checkpoint and evaluation folder in miniature, for `adatoken eval --model llava3d` -------------
+WORDS = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
+         "detailed, and polite answers to the human's questions. USER: ASSISTANT: what colour is the chair "
+         "how many tables are there where is lamp red blue two one").split()
+
+
+def write_llava3d_workspace(root: Path, num_scenes: int = 4) -> Path:
+    """root/llava3d-tiny (the stand-in saved with a word-level tokenizer, as LLaVA-3D's builder loads a checkpoint),
+    root/videos/scannet/sceneXXXX_00/scene.pt (llava_package's scene format) and LLaVA-3D-format question and
+    answer files, root/questions.json and root/answers.json. Returns the checkpoint folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    checkpoint = root / "llava3d-tiny"
+    model = build_3d_model(padding_side="left")
+    model.config.mm_use_im_start_end = False
+    model.save_pretrained(checkpoint)
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3}
+    for word in WORDS:
+        vocab.setdefault(word, len(vocab))
+    assert len(vocab) <= model.config.vocab_size
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                            pad_token="<pad>").save_pretrained(checkpoint)
+    questions, answers = [], []
+    for i in range(num_scenes):
+        scene = root / "videos" / "scannet" / f"scene{i:04d}_00"
+        scene.mkdir(parents=True, exist_ok=True)
+        torch.save(rgbd_scene(seed=i, views=2, size=10), scene / "scene.pt")  # voxels: different token counts
+        questions.append({"question_id": f"q{i}", "video": f"scannet/scene{i:04d}_00",
+                          "text": ["what colour is the chair", "how many tables are there"][i % 2]})
+        answers.append({"question_id": f"q{i}", "text": ["red", "two"][i % 2]})
+    (root / "questions.json").write_text(json.dumps(questions))
+    (root / "answers.json").write_text(json.dumps(answers))
+    return checkpoint
+
+
+if __name__ == "__main__":  # python tests_legacy/llava3d_models.py FOLDER: the workspace docs/families.md evaluates
+    print(write_llava3d_workspace(Path(sys.argv[1])))

@@ -15,6 +15,7 @@ convention) and the causal count (the pairs a flash kernel actually computes).
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import platform
 import statistics
@@ -123,15 +124,23 @@ def _last_logits_only(model) -> dict:
     return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
 
-def measure_once(setup: Setup, new_tokens: int) -> dict:
+# The unpruned model never handed to `prune`: on a transformers whose forward has no `logits_to_keep` (4.37,
+# LLaVA-3D's), its generate computes the logits of every prefill position, where a model run through adatoken's
+# runtime (`none` included) computes only the last (docs/generate.md). Benchmarks there time it as a second
+# reference, so speedups are shown against the model as users run it and against `none` (the same logits rule).
+AS_IS = "unpruned as is"
+
+
+def measure_once(setup: Setup, new_tokens: int, pruned: bool = True) -> dict:
     """One prefill (timed, with the ranking share) and, if new_tokens, one full generation."""
     model, device = setup.model, setup.device
-    with torch.inference_mode(), spatial_tokens(model, setup.spatial, points=setup.points):
+    marked = spatial_tokens(model, setup.spatial, points=setup.points) if pruned else contextlib.nullcontext()
+    with torch.inference_mode(), marked:
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
-        with selection_timer(model) as ranking:
+        with selection_timer(model) if pruned else contextlib.nullcontext() as ranking:
             prefill, _ = _timed(lambda: model(**setup.inputs, use_cache=True, **_last_logits_only(model)), device)
-        sample = {"prefill_s": prefill, "ranking_share": ranking.seconds / prefill}
+        sample = {"prefill_s": prefill, "ranking_share": ranking.seconds / prefill if pruned else 0.0}
         if new_tokens:
             clock = StepClock(device)
             total, out = _timed(lambda: model.generate(
@@ -162,22 +171,37 @@ def run_sweep(setup: Setup, configs: dict[str, dict], repeats: int, new_tokens: 
             skipped[name] = str(err)
     if progress is not None and skipped:
         progress.total -= len(skipped) * (repeats + 1)
-    samples = {name: [] for name in prune_configs}
+    as_is = new_tokens > 0 and not _last_logits_only(model)  # see AS_IS
+    if progress is not None and as_is:
+        progress.total += repeats + 1
+    samples = {name: [] for name in [*prune_configs, *[AS_IS] * as_is]}
     tokens_in = {}
-    order = list(prune_configs)
+    order = list(samples)
     for repeat in range(repeats + 1):  # round 0 warms up
         for name in order[repeat % len(order):] + order[: repeat % len(order)]:
-            prune(model, prune_configs[name])
-            try:
-                sample = measure_once(setup, new_tokens)
-                tokens_in[name] = [layer[0] for layer in last_stats(model).tokens_in]
-            finally:
-                unprune(model)
+            if name == AS_IS:
+                sample = measure_once(setup, new_tokens, pruned=False)
+            else:
+                prune(model, prune_configs[name])
+                try:
+                    sample = measure_once(setup, new_tokens)
+                    tokens_in[name] = [layer[0] for layer in last_stats(model).tokens_in]
+                finally:
+                    unprune(model)
             if repeat:
                 samples[name].append(sample)
             if progress is not None:
                 progress.update(1)
-    return summarize(setup, prune_configs, tokens_in, samples, skipped)
+    rows = summarize(setup, prune_configs, tokens_in, samples, skipped)
+    if as_is:
+        reference = {key: statistics.median(s[key] for s in samples[AS_IS]) for key in ("prefill_s", "ttft_s", "e2e_s")}
+        for row in rows:
+            if "skipped" not in row:
+                row["ttft_speedup_vs_as_is"] = reference["ttft_s"] / row["ttft_s"]
+                row["e2e_speedup_vs_as_is"] = reference["e2e_s"] / row["e2e_s"]
+        rows.insert(0, {"config": AS_IS, "method": None, **reference,
+                        "ttft_speedup_vs_as_is": 1.0, "e2e_speedup_vs_as_is": 1.0})
+    return rows
 
 
 def benchmark(model, label: str, batches, configs: dict[str, dict], spatial: int, text: int, new_tokens: int,
@@ -298,7 +322,7 @@ COLUMNS = {
     "prefill ms": _value("prefill_s", ".1f", 1e3),
     "prefill speedup": _value("prefill_speedup", ".2f"),
     "FLOPs ratio": _value("flops_ratio", ".2f"),
-    "speedup / FLOPs": lambda r: f"{r['prefill_speedup'] / r['flops_ratio']:.2f}",
+    "speedup / FLOPs": lambda r: f"{r['prefill_speedup'] / r['flops_ratio']:.2f}" if "flops_ratio" in r else "–",
     "causal FLOPs ratio": _value("causal_flops_ratio", ".2f"),
     "ranking": _value("ranking_share", ".1%"),
     "TTFT ms": _value("ttft_s", ".1f", 1e3),
@@ -307,6 +331,10 @@ COLUMNS = {
     "decode tok/s": _value("decode_tok_s", ".1f"),
     "KV cache MiB": _value("kv_cache_bytes", ".1f", 2 ** -20),
     "peak GiB": _value("peak_memory_bytes", ".2f", 2 ** -30),
+}
+AS_IS_COLUMNS = {  # only where the run timed AS_IS
+    "TTFT vs as is": _value("ttft_speedup_vs_as_is", ".2f"),
+    "e2e vs as is": _value("e2e_speedup_vs_as_is", ".2f"),
 }
 PREFILL_COLUMNS = ("retention", "final keep", "prefill ms", "prefill speedup", "FLOPs ratio", "speedup / FLOPs",
                    "ranking")
@@ -319,14 +347,16 @@ def markdown_table(rows: list[dict], columns=tuple(COLUMNS)) -> str:
         if "skipped" in r:
             lines.append(f"| {r['config']} | skipped: {r['skipped']} |" + " |" * (len(columns) - 1))
         else:
-            lines.append(f"| {r['config']} | " + " | ".join(COLUMNS[c](r) for c in columns) + " |")
+            lines.append(f"| {r['config']} | " + " | ".join({**COLUMNS, **AS_IS_COLUMNS}[c](r) for c in columns) + " |")
     return "\n".join(lines) + "\n"
 
 
 def markdown(result: dict) -> str:
+    columns = (*COLUMNS, *(AS_IS_COLUMNS if any(r["config"] == AS_IS for r in result["rows"]) else ()))
     return (f"{result['shape']} · {result['device_name']} · {result['dtype']} · batch {result['batch']} · "
             f"{result['spatial_tokens']} spatial + {result['text_tokens']} text tokens · "
-            f"{result['new_tokens']} new tokens · median of {result['repeats']}\n\n" + markdown_table(result["rows"]))
+            f"{result['new_tokens']} new tokens · median of {result['repeats']}\n\n"
+            + markdown_table(result["rows"], columns))
 
 
 def throughput_markdown(rows: list[dict], label: str, device: str, dtype: torch.dtype, budget_bytes: int,

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 import adatoken.eval.hf  # registers --model hf: local Hugging Face checkpoints
+import adatoken.eval.llava3d  # registers --model llava3d: LLaVA-3D checkpoints through the user's LLaVA-3D package
 import adatoken.testbed  # noqa: F401  (registers the testbed's model and question set)
 from adatoken.cli.common import check_device, reproducing_command
 from adatoken.core import adapters
@@ -35,7 +36,8 @@ def register(subparsers) -> None:
     what.add_argument("--model", choices=sorted(ANSWERERS), default="testbed",
                       help="model to evaluate (default: testbed)")
     what.add_argument("--checkpoint", help="model checkpoint folder (testbed default: the one shipped in the package; "
-                                           "hf: a local folder with the model and its processor)")
+                                           "hf: a local folder with the model and its processor; "
+                                           "llava3d: a LLaVA-3D checkpoint, loaded by LLaVA-3D's own package)")
     what.add_argument("--dataset", choices=list(LOADERS), default="testbed",
                       help="question set format (default: testbed)")
     what.add_argument("--data", help="dataset file or folder (default for testbed: the model's checkpoint settings)")
@@ -56,8 +58,15 @@ def register(subparsers) -> None:
     sweep.add_argument("--schedule", nargs="+", metavar="DIR_OR_FILE",
                        help="fitted schedule JSONs for adatoken3d, matched to --retentions (or --final-keeps) by the "
                             "value they were fitted for (default: adatoken3d's eq.-5 curve at each value)")
-    sweep.add_argument("--batch-size", type=int, default=16)
-    sweep.add_argument("--max-new-tokens", type=int, default=8)
+    sweep.add_argument("--batch-size", type=int, help="questions per generate call (default: 1 for llava3d, "
+                                                       "as its scripts; 16 otherwise)")
+    sweep.add_argument("--max-new-tokens", type=int, help="default: 512 for llava3d, as its scripts; 8 otherwise")
+    llava3d = parser.add_argument_group("llava3d only (LLaVA-3D's evaluation settings)")
+    llava3d.add_argument("--video-folder", help="the folder LLaVA-3D reads scenes from "
+                                                "(default: its scripts' playground/data/LLaVA-3D-Pretrain)")
+    llava3d.add_argument("--conv-mode", help="LLaVA-3D conversation template (default: llava_v1)")
+    llava3d.add_argument("--greedy", action="store_true",
+                         help="decode greedily instead of LLaVA-3D's sampling at temperature 0.2")
     sweep.add_argument("--device", default="auto",
                        help="auto (this rank's GPU if there is one, else cpu), cpu, cuda:0, ...")
     output = parser.add_argument_group("output")
@@ -74,7 +83,9 @@ def run(args) -> int:
     started = time.perf_counter()
     _check_args(args)
     device = _device(args.device)
-    answerer, checkpoint = ANSWERERS[args.model](args.checkpoint, device)
+    answerer, checkpoint = ANSWERERS[args.model](args.checkpoint, device, **_model_options(args))
+    args.batch_size = args.batch_size or getattr(answerer, "batch_size", 16)
+    args.max_new_tokens = args.max_new_tokens or getattr(answerer, "max_new_tokens", 8)
     records = _questions(args, checkpoint)
     subset = select_subset(records, args.limit, args.seed)
     num_layers = adapters.resolve(answerer.llm).num_layers
@@ -82,7 +93,8 @@ def run(args) -> int:
     schedules = load_schedules(args.schedule, budget) if args.schedule else None
     configs = sweep_configs(args.methods, values, num_layers, schedules, budget)
     settings = {"model": args.model, "checkpoint": str(checkpoint), "dataset": args.dataset, "data": args.data,
-                "split": args.split, "scenes": args.scenes, "limit": args.limit, "seed": args.seed}
+                "split": args.split, "scenes": args.scenes, "limit": args.limit, "seed": args.seed,
+                **({"decoding": answerer.decoding} if hasattr(answerer, "decoding") else {})}  # sampled or not
     predictions = evaluate(answerer, subset, configs, args.out, settings, batch_size=args.batch_size,
                            max_new_tokens=args.max_new_tokens, fresh=args.fresh, progress=not args.no_progress)
     if predictions is None:  # not rank 0: rank 0 writes the report
@@ -93,7 +105,8 @@ def run(args) -> int:
         "dataset": f"{args.dataset} {args.split}" if args.dataset in ("testbed", "sqa3d") else args.dataset,
         "num_questions": len(subset),
         "subset": f"first {args.limit} of a shuffle with seed {args.seed}" if args.limit else "all",
-        "decoding": f"greedy, at most {args.max_new_tokens} new tokens, batches of {args.batch_size}",
+        "decoding": f"{getattr(answerer, 'decoding', 'greedy')}, at most {args.max_new_tokens} new tokens, "
+                    f"batches of {args.batch_size}",
         "device": f"{device} x {os.environ.get('WORLD_SIZE', '1')} process(es)",
         "command": reproducing_command(args),
         "wall time": f"{time.perf_counter() - started:.0f} s (this invocation)",
@@ -112,6 +125,19 @@ def _device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
+LLAVA3D_OPTIONS = {"video_folder": "--video-folder", "conv_mode": "--conv-mode", "greedy": "--greedy"}
+
+
+def _model_options(args) -> dict:
+    """The options of --model llava3d that were given (the answerer's defaults stand for the rest)."""
+    given = {name: getattr(args, name) for name in LLAVA3D_OPTIONS if getattr(args, name) not in (None, False)}
+    if given and args.model != "llava3d":
+        flags = ", ".join(LLAVA3D_OPTIONS[name] for name in given)
+        raise ValueError(f"{flags} apply to --model llava3d only (--model {args.model} decodes greedily with its own "
+                         "prompt format)")
+    return given
+
+
 def _check_args(args) -> None:
     """Refuse inconsistent options before the model is loaded."""
     if args.final_keeps and args.retentions:
@@ -121,6 +147,9 @@ def _check_args(args) -> None:
     if args.model == "hf" and (args.checkpoint is None or args.dataset == "testbed"):
         raise ValueError("--model hf answers image questions from a local checkpoint: pass --checkpoint PATH and "
                          "--dataset jsonl --data QUESTIONS.jsonl (one {question_id, image, question, answers} a line)")
+    if args.model == "llava3d" and args.dataset not in ("scanqa", "sqa3d", "llava3d"):
+        raise ValueError(f"--model llava3d answers scene questions: --dataset scanqa, sqa3d or llava3d, not "
+                         f"{args.dataset}")
     if args.model == "testbed" and args.dataset != "testbed":
         raise ValueError(f"the testbed model answers only testbed questions, not --dataset {args.dataset}; "
                          "use --dataset testbed")

@@ -4,8 +4,9 @@ How a pruned prefill runs (every decoder layer has a forward pre-hook, and a for
 - Layer 0's pre-hook starts a new prefill: it builds the token layout (which positions are spatial,
   which are padding) and asks the method for the number of spatial tokens entering every layer.
 - At a layer where that number steps down, the pre-hook ranks the alive spatial tokens (the method's
-  `score`, from this layer's own normed input, or from the previous layer's for a method that ranks
-  there, as FastV's code does) and keeps the best. The current sequence is described by `index` [B, L]:
+  `score`, from this layer's own normed input, or also from the previous layer's input and the keys its
+  attention projected, caught from its k_proj, for a method that ranks by them, as FastV's and DART's code
+  do) and keeps the best. The current sequence is described by `index` [B, L]:
   for each slot, the original position of the token in it. Every per-token tensor the layer receives —
   hidden states, position ids, rotary cos/sin, the 4-D mask — is gathered with it. Kept tokens keep
   their original positions, so RoPE and causality are unchanged, unless the method renumbers them as
@@ -190,6 +191,7 @@ class Pass:
     pending: torch.Tensor | None = None  # scores a layer computed for the next layer's drop
     previous: tuple | None = None        # (layer, its input, its kwargs) for a method that reads it
     points: torch.Tensor | None = None   # [B, S, c] the spatial tokens' positions in space, where given
+    memo: dict = field(default_factory=dict)  # what a method keeps from one of its drops to the next (RankContext)
 
     def slot_tables(self, batch: int, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(index, slot_ok) spelled out, also before the first drop (identity, no filler)."""
@@ -530,7 +532,7 @@ class PruneState:
         alive_counts = run.counts[idx - 1] if idx > 0 else run.counts[0]
         following = run.counts[idx + 1] if idx + 1 < len(run.counts) else target
         drops = any(t < a for t, a in zip(target, alive_counts))
-        # a method that ranks a drop by the layer before it (FastV's code does) scores the next layer's drop here
+        # a method that ranks a drop by the layer before it (DivPrune, from layer 0's input) scores it here
         ranks_next = self.method.rank_layer_offset and any(f < t for f, t in zip(following, target))
         if drops or ranks_next:
             with self.selection_timer.measure(hidden.device) if self.selection_timer else contextlib.nullcontext():
@@ -543,8 +545,12 @@ class PruneState:
                 if ranks_next:
                     ctx = self._rank_context(idx, run, hidden, self._sliced(run, kwargs), following)
                     run.pending = self._scores(ctx, run)
-        # a method that also reads the previous layer's input (DART's keys) finds it here at the next layer
-        run.previous = (idx, hidden, kwargs) if self.method.uses_previous_input and following != target else None
+        # a method that also reads the previous layer (DART's keys) finds its input, and the keys its attention
+        # projects (caught as k_proj returns them: no second projection), here at the next layer
+        run.previous = None
+        if self.method.uses_previous_input and following != target:
+            run.previous = (idx, hidden, kwargs, {})
+            _catch_output(self.adapter.layers[idx].self_attn.k_proj, run.previous[3], "keys")
         self.record.key_index[idx] = run.index
         self.record.key_ok[idx] = run.slot_ok
         if self.method.renumbers_positions and run.index is not None:
@@ -574,12 +580,13 @@ class PruneState:
             num_heads=self.adapter.num_heads,
             num_kv_heads=self.adapter.num_kv_heads, scaling=self.adapter.head_dim ** -0.5,
             target=list(target), points=None if run.points is None else _gather_tokens(run.points, index),
-            final_norm=self.adapter.decoder.norm,
+            final_norm=self.adapter.decoder.norm, memo=run.memo,
             rope_at=None if self.adapter.multimodal_rope else partial(self.adapter.rope_at, idx, hidden),
         )
         if run.previous is not None and run.previous[0] == idx - 1:
-            before, previous_hidden, previous_kwargs = run.previous
+            before, previous_hidden, previous_kwargs, caught = run.previous
             ctx.previous = self._rank_context(before, run, previous_hidden, self._sliced(run, previous_kwargs), target)
+            ctx.previous.keys = caught.get("keys")
         return ctx
 
     def _scores(self, ctx: RankContext, run: Pass) -> torch.Tensor:
@@ -739,6 +746,15 @@ def _scatter_maps(weights: torch.Tensor, queries: torch.Tensor, queries_ok, keys
     index = (q[:, :, None] * (length + 1) + k[:, None, :]).reshape(batch, 1, -1).expand(-1, heads, -1)
     full.view(batch, heads, -1).scatter_(2, index, weights.reshape(batch, heads, -1))
     return full[:, :, :-1, :-1]
+
+
+def _catch_output(module: nn.Module, into: dict, key: str) -> None:
+    """Store what `module` returns the next time it runs in into[key]; the hook then removes itself."""
+    def hook(_module, _args, output):
+        into[key] = output
+        handle.remove()
+
+    handle = module.register_forward_hook(hook)
 
 
 def _gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,7 @@ turns an order into scores whose top k are its first k picks, so the runtime app
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -44,39 +45,46 @@ def farthest_point_order(points: torch.Tensor, count: int) -> torch.Tensor:
     count = min(count, len(points))
     if count <= 0:
         return torch.zeros(0, dtype=torch.long, device=points.device)
-    points = points.float()
-    picks = [int((points - points.mean(0)).norm(dim=1).argmax())]
-    nearest = (points - points[picks[0]]).norm(dim=1)
+    # numpy: the loop is `count` small steps, where torch's per-call overhead would dominate; squared distances
+    # pick the same points
+    xyz = points.detach().float().cpu().numpy()
+    picks = [int(((xyz - xyz.mean(0)) ** 2).sum(1).argmax())]
+    nearest = ((xyz - xyz[picks[0]]) ** 2).sum(1)
     for _ in range(count - 1):
         picks.append(int(nearest.argmax()))
-        nearest = torch.minimum(nearest, (points - points[picks[-1]]).norm(dim=1))
+        np.minimum(nearest, ((xyz - xyz[picks[-1]]) ** 2).sum(1), out=nearest)
     return torch.tensor(picks, device=points.device)
 
 
-def dart_keep(hidden: torch.Tensor, keys: torch.Tensor, image: list[int], text: list[int], *, per_pivot: int,
+def dart_keep(hidden: torch.Tensor, key_l1: torch.Tensor, image: list[int], text: list[int], *, per_pivot: int,
               image_pivots: int, text_pivots: int) -> list[int]:
     """DART's duplication-aware keep set (ZichenWen1/DART @ 5a19452f, llava/model/language_model/
     modeling_llama_self.py:400-447), on one sample. `hidden` [L, d]: the states the similarity compares (the
-    final norm of layer K's input, :340-341); `keys` [L, h]: layer K-1's keys, heads concatenated (:419);
-    `image`, `text`: the positions of the image tokens and of the text after them (:421-422).
+    final norm of layer K's input, :340-341); `key_l1` [L]: the L1 norm of each token's layer-(K-1) keys, heads
+    concatenated (:419, 424-428); `image`, `text`: the positions of the image tokens and of the text after them
+    (:421-422).
 
     Pivots: the image and text tokens whose keys have the largest L1 norm (:424-428). For each pivot, in the
     iteration order of the Python set holding them (:429, 433 — reproduced by building the same set), the
     `per_pivot` image tokens least cosine-similar to it join the keep set and leave the pool (:434-443). The
     text pivots are removed at the end (:445). Returns the kept image positions, sorted."""
-    image_t = torch.tensor(image, device=keys.device)
-    text_t = torch.tensor(text, device=keys.device)
-    key_l1 = keys.norm(p=1, dim=-1)
+    image_t = torch.tensor(image, device=key_l1.device)
+    text_t = torch.tensor(text, device=key_l1.device)
     image_idx = image_t[key_l1[image_t].topk(min(image_pivots, len(image))).indices].tolist()
     text_idx = text_t[key_l1[text_t].topk(min(text_pivots, len(text))).indices].tolist() if text else []
     chosen = set(image_idx + text_idx)
     pool = set(image) - set(image_idx)
     pool_list = list(pool)
-    for pivot in list(chosen):
+    pivots = list(chosen)
+    # Every pivot's cosine similarity to every token in one product (the script computes it per pivot over the
+    # pool that is left: the same values up to rounding), then each pivot reads the pool's entries.
+    unit = hidden / hidden.norm(dim=-1, keepdim=True).clamp_min(1e-8)  # cosine_similarity's eps
+    similarity = -(unit[pivots] @ unit.T)
+    for row in range(len(pivots)):
         if not pool_list:
             break
-        similarity = -torch.nn.functional.cosine_similarity(hidden[pivot], hidden[pool_list], dim=-1)
-        picked = [pool_list[i] for i in similarity.topk(min(per_pivot, len(pool_list))).indices.tolist()]
+        pool_similarity = similarity[row, torch.tensor(pool_list, device=hidden.device)]
+        picked = [pool_list[i] for i in pool_similarity.topk(min(per_pivot, len(pool_list))).indices.tolist()]
         chosen.update(picked)
         pool.difference_update(picked)
         pool_list = list(pool)

@@ -49,6 +49,8 @@ class RankContext:
     final_norm: torch.nn.Module | None = None  # the decoder's final norm (DART compares states through it)
     previous: "RankContext | None" = None  # the layer before, for a method with uses_previous_input
     rope_at: object = None  # positions [B, L] -> (cos, sin) of this layer's 1-D RoPE; None for multimodal RoPE
+    memo: dict = dataclasses.field(default_factory=dict)  # the prefill's: kept from this drop to the next
+    keys: torch.Tensor | None = None  # on `previous`: [B, L, kv_heads * head_dim] as the layer's k_proj returned them
 
     @cached_property
     def normed(self) -> torch.Tensor:
@@ -66,9 +68,9 @@ class Method:
     role: ClassVar[str]  # one of ROLES
     style: ClassVar[tuple[str, str]] = ("C4", "v")  # matplotlib colour and marker, the same in every figure
     Config: ClassVar[type]
-    rank_layer_offset: int = 0        # 1: a drop at layer K is ranked from layer K-1's input (FastV's code)
+    rank_layer_offset: int = 0        # 1: a drop at layer K is ranked from layer K-1's input (DivPrune: layer 0's)
     renumbers_positions: bool = False  # after a drop, kept tokens take positions 0..n-1 (PyramidDrop's code)
-    uses_previous_input: bool = False  # the drop at layer K also reads layer K-1's input (DART's keys)
+    uses_previous_input: bool = False  # the drop at layer K also reads layer K-1's input and keys (DART, FastV)
 
     def __init__(self, config):
         self.config = config

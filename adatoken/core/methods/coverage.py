@@ -32,11 +32,22 @@ class Coverage(AdaToken3D):
                 raise ValueError("coverage runs adatoken3d's schedule with its own selection: it has no variant")
 
     def score(self, ctx: RankContext) -> torch.Tensor:
+        """One farthest-point order per sample, made at the prefill's first drop over all its spatial tokens and as
+        long as that drop keeps; every later drop keeps a prefix of it (nested, as `random`'s permutation), so the
+        sampling runs once a prefill, not at each of the schedule's steps."""
+        ranks = ctx.memo.get("coverage")
+        if ranks is None:  # [per sample: a score per spatial ordinal, its pick order's top k first]
+            ranks = ctx.memo["coverage"] = []
+            for b, keep in enumerate(ctx.target):
+                slots = ctx.candidates[b].nonzero().flatten()
+                order = selection.farthest_point_order(self._points(ctx, b, slots), keep)
+                rank = torch.full((ctx.num_spatial[b],), float("-inf"), device=ctx.hidden.device)
+                rank[ctx.spatial_ordinal[b, slots]] = selection.order_scores(order, len(slots))
+                ranks.append(rank)
         scores = torch.full(ctx.candidates.shape, float("-inf"), device=ctx.hidden.device)
-        for b, keep in enumerate(ctx.target):
+        for b, rank in enumerate(ranks):
             slots = ctx.candidates[b].nonzero().flatten()
-            order = selection.farthest_point_order(self._points(ctx, b, slots), keep)
-            scores[b, slots] = selection.order_scores(order, len(slots))
+            scores[b, slots] = rank[ctx.spatial_ordinal[b, slots]]
         return scores
 
     @staticmethod

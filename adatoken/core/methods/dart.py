@@ -72,27 +72,40 @@ class DART(Method):
         before = ctx.previous
         w_q, b_q, w_k, b_k = before.qk_weights
         head_dim = w_q.shape[0] // before.num_heads
-        keys = scoring.project_heads(before.normed, w_k, b_k, head_dim, before.qk_norms[1])  # [B, L, Hkv, hd]
+        k_norm = before.qk_norms[1]
+        if before.keys is not None:  # as layer K-1's attention projected them (:419 reads its key_states)
+            keys = before.keys.float().unflatten(-1, (-1, head_dim))                          # [B, L, Hkv, hd]
+            keys = k_norm(keys).float() if k_norm is not None else keys
+        else:
+            keys = scoring.project_heads(before.normed, w_k, b_k, head_dim, k_norm)
         # rotated at the positions the sample has alone (a key's L1 norm, unlike attention, depends on where
         # RoPE puts it, and a left-padded row's positions may count its padding)
         cos, sin = (before.cos, before.sin) if before.rope_at is None else \
             before.rope_at((before.valid.long().cumsum(1) - 1).clamp(min=0))
-        keys = scoring.apply_rope(keys, cos.float()[:, :, None], sin.float()[:, :, None]).flatten(2)
+        key_l1 = _rotated_l1(keys, cos.float()[:, :, None], sin.float()[:, :, None])          # [B, L]
         states = ctx.final_norm(ctx.hidden)
         scores = torch.zeros(ctx.candidates.shape, device=ctx.hidden.device)
         for b, target in enumerate(ctx.target):
             slots = ctx.valid[b].nonzero().flatten()  # real tokens in order; their rank = position without padding
-            spatial = ctx.candidates[b, slots]
+            rows = slice(None) if len(slots) == ctx.valid.shape[1] else slots  # no padding: views, not copies
+            spatial = ctx.candidates[b, rows]
             last_spatial = int(spatial.nonzero().max()) if bool(spatial.any()) else len(slots)
             query = int((slots == ctx.query_slot[b]).nonzero())
             image = spatial.nonzero().flatten().tolist()
             text = list(range(last_spatial + 1, query + 1))  # the prompt after the image, not answer tokens
             per_pivot = (target - min(c.image_pivots, len(image))) // (c.image_pivots + c.text_pivots)
-            kept = selection.dart_keep(states[b, slots], keys[b, slots], image, text, per_pivot=per_pivot,
+            kept = selection.dart_keep(states[b, rows], key_l1[b, rows], image, text, per_pivot=per_pivot,
                                        image_pivots=c.image_pivots, text_pivots=c.text_pivots)
             # the kept set first; then (only if the count asks for more, with fewer text pivots than configured)
             # the tokens whose keys have the largest L1 norm
-            key_l1 = keys[b, slots].norm(p=1, dim=-1)
-            scores[b, slots] = key_l1 / (1 + key_l1.max())
+            sample_l1 = key_l1[b, rows]
+            scores[b, slots] = sample_l1 / (1 + sample_l1.max())
             scores[b, slots[kept]] = 2.0
         return scores
+
+
+def _rotated_l1(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Σ |RoPE(k)| over heads and dims, for keys [B, L, H, hd] (rotate-half), without building the rotated keys."""
+    half = keys.shape[-1] // 2
+    lo, hi, cos, sin = keys[..., :half], keys[..., half:], cos[..., :half], sin[..., :half]
+    return (lo * cos - hi * sin).abs().sum((-1, -2)) + (hi * cos + lo * sin).abs().sum((-1, -2))

@@ -6,8 +6,9 @@ idx == K, the attention weights layer K-1 returned (`layer_outputs[1]`, :738) ar
 last token's row is read at the image columns, the top `round(N·(1 − R))` are kept (the count the script
 passes, (1-R)·N, eval_aokvqa_latency_fastv_inplace.sh:7; `round` as its llava-hf version computes it,
 src/FastV/llava-hf/.../modeling_llama.py:1048), sorted, at their original positions (:756). Here layer
-K-1's attention row is recomputed from layer K-1's own input (norm -> q/k -> q/k norms where present ->
-RoPE -> softmax over the causal row, fp32), so it needs no attention weights and works under sdpa.
+K-1's attention row is recomputed from layer K-1's own input and the keys its attention projected (caught as
+k_proj returned them; the last token's query: norm -> q -> q norm where present; RoPE -> softmax over the
+causal row, fp32), so it needs no attention weights and works under sdpa.
 Paper defaults: K = 2, R = 50 %. Given `retention` instead of `drop_ratio`, R is solved from
 mean keep = (K + (L - K)(1 - R)) / L.
 
@@ -44,7 +45,8 @@ class FastV(Method):
 
     def __init__(self, config):
         super().__init__(config)
-        self.rank_layer_offset = 1 if config.ranking == "previous_layer" else 0
+        # as released: layer K's drop reads layer K-1's input and the keys its attention projected
+        self.uses_previous_input = config.ranking == "previous_layer"
 
     def counts(self, schedule: Schedule, num_spatial: int) -> list[int]:
         return [round(num_spatial * keep) for keep in schedule.keep]
@@ -68,7 +70,7 @@ class FastV(Method):
         return Schedule(keep, {"method": "fastv", "layer": K, "drop_ratio": ratio})
 
     def score(self, ctx: RankContext):
-        return attention_score(ctx)
+        return attention_score(ctx.previous if self.uses_previous_input else ctx)
 
 
 def attention_score(ctx: RankContext):
@@ -79,7 +81,11 @@ def attention_score(ctx: RankContext):
     head_dim = w_q.shape[0] // ctx.num_heads
     rows = torch.arange(batch, device=ctx.normed.device)
     q = scoring.project_heads(ctx.normed[rows, ctx.query_slot], w_q, b_q, head_dim, ctx.qk_norms[0])
-    k = scoring.project_heads(ctx.normed, w_k, b_k, head_dim, ctx.qk_norms[1])
+    if ctx.keys is not None:  # the keys the layer's own attention projected (RankContext.keys)
+        k = ctx.keys.float().unflatten(-1, (-1, head_dim))
+        k = ctx.qk_norms[1](k).float() if ctx.qk_norms[1] is not None else k
+    else:
+        k = scoring.project_heads(ctx.normed, w_k, b_k, head_dim, ctx.qk_norms[1])
     cos, sin = ctx.cos.float(), ctx.sin.float()
     q = scoring.apply_rope(q, cos[rows, ctx.query_slot][:, None], sin[rows, ctx.query_slot][:, None])
     k = scoring.apply_rope(k.transpose(1, 2), cos[:, None], sin[:, None])
