@@ -5,33 +5,9 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
 
 from adatoken.cli import main
-from tiny_models import IMAGE_TOKEN, VOCAB, build_model
-
-CHAT_TEMPLATE = ("{% for m in messages %}USER: {% for c in m['content'] %}{% if c['type'] == 'image' %}<image> "
-                 "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %} ASSISTANT:")
-WORDS = ["USER:", "ASSISTANT:", "what", "colour", "is", "the", "chair", "red", "blue", "how", "many", "two", "?"]
-
-
-def tiny_llava_checkpoint(folder):
-    """A random LLaVA-1.5 of the tests' size and a processor for it: a word-level tokenizer whose '<image>' is the
-    model's image token, CLIP preprocessing to 16 px (a 4 x 4 patch grid: 16 image tokens), a chat template."""
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3, **{w: 4 + i for i, w in enumerate(WORDS)}}
-    vocab.update({f"w{i}": i for i in range(len(vocab), IMAGE_TOKEN)}, **{"<image>": IMAGE_TOKEN})
-    assert len(vocab) == VOCAB
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                        pad_token="<pad>", extra_special_tokens={"image_token": "<image>"})
-    images = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
-    processor = LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=4,
-                               vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE,
-                               num_additional_image_tokens=1)
-    build_model("llava", "sdpa").save_pretrained(folder)
-    processor.save_pretrained(folder)
+from tiny_models import tiny_llava_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,11 @@ Every decoder has the sizes of the named shape "tiny-6l" (adatoken.core.models: 
 from __future__ import annotations
 
 import torch
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from tokenizers.pre_tokenizers import WhitespaceSplit
 from transformers import (
+    CLIPImageProcessor,
     LlamaConfig,
     LlamaForCausalLM,
     LlavaConfig,
@@ -15,8 +19,10 @@ from transformers import (
     LlavaNextForConditionalGeneration,
     LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
+    LlavaProcessor,
     MistralConfig,
     MistralForCausalLM,
+    PreTrainedTokenizerFast,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2Config,
@@ -163,3 +169,27 @@ def flow_sample(model, family: str, seed: int = 0, answer: bool = True) -> FlowS
         spatial = ids == IMAGE_TOKEN
     query = NUM_SYSTEM + NUM_SPATIAL + NUM_PROMPT - 1
     return FlowSample(model_inputs(model, family, ids, seed=seed), spatial, query if answer else None)
+
+
+# ----- a local image-text-to-text checkpoint, as `adatoken eval --model hf` loads one -------------------------
+CHAT_TEMPLATE = ("{% for m in messages %}USER: {% for c in m['content'] %}{% if c['type'] == 'image' %}<image> "
+                 "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %} ASSISTANT:")
+WORDS = ["USER:", "ASSISTANT:", "what", "colour", "is", "the", "chair", "red", "blue", "how", "many", "two", "?"]
+
+
+def tiny_llava_checkpoint(folder):
+    """A random LLaVA-1.5 of the tests' size and a processor for it: a word-level tokenizer whose '<image>' is the
+    model's image token, CLIP preprocessing to 16 px (a 4 x 4 patch grid: 16 image tokens), a chat template."""
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3, **{w: 4 + i for i, w in enumerate(WORDS)}}
+    vocab.update({f"w{i}": i for i in range(len(vocab), IMAGE_TOKEN)}, **{"<image>": IMAGE_TOKEN})
+    assert len(vocab) == VOCAB
+    backend = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                        pad_token="<pad>", extra_special_tokens={"image_token": "<image>"})
+    images = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    processor = LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=4,
+                               vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE,
+                               num_additional_image_tokens=1)
+    build_model("llava", "sdpa").save_pretrained(folder)
+    processor.save_pretrained(folder)

@@ -7,11 +7,12 @@ in rotating order, after a warm-up round; medians are reported and every ratio i
 same run. On a GPU each timing is bracketed by `torch.cuda.synchronize()`.
 
 Measured per configuration: prefill time (a forward with the KV cache and `logits_to_keep=1`, as
-`generate` runs it), time to first token and decode tokens/s inside `generate` (a logits processor
-timestamps every step), end-to-end latency for N new tokens, peak GPU memory, KV-cache bytes (measured
-from the cache and analytic), the share of the prefill spent ranking tokens, and the analytic
-prefill FLOPs ratio to place beside the measured speedup — both the dense count (the papers'
-convention) and the causal count (the pairs a flash kernel actually computes).
+`generate` runs it; on transformers 4.37, which has no `logits_to_keep`, a one-token `generate`), time to
+first token and decode tokens/s inside `generate` (a logits processor timestamps every step), end-to-end
+latency for N new tokens, peak GPU memory, KV-cache bytes (measured from the cache and analytic), the share
+of the prefill spent ranking tokens, and the analytic prefill FLOPs ratio to place beside the measured
+speedup — both the dense count (the papers' convention) and the causal count (the pairs a flash kernel
+actually computes).
 """
 from __future__ import annotations
 
@@ -118,10 +119,18 @@ def _timed(fn, device: str) -> tuple[float, object]:
 
 
 def _last_logits_only(model) -> dict:
-    """`logits_to_keep=1`, as transformers 5's generate asks for a prefill; 4.37 (LLaVA-3D's) has no such option
-    and computes every position's logits, pruned or not (inside `generate` the pruned model computes only the
-    last: docs/generate.md)."""
+    """`logits_to_keep=1`, as transformers 5's generate asks for a prefill; 4.37 (LLaVA-3D's) has no such option."""
     return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+
+def _prefill(setup: Setup):
+    """The prefill as `generate` runs it: a forward with the KV cache and the last position's logits. Where the
+    forward cannot be asked for those alone (4.37), a one-token `generate` is that prefill: inside it a model run
+    through adatoken computes the last position's logits only, the model as is every position's (AS_IS)."""
+    model = setup.model
+    if _last_logits_only(model):
+        return model(**setup.inputs, use_cache=True, logits_to_keep=1)
+    return model.generate(**setup.inputs, max_new_tokens=1, do_sample=False, pad_token_id=0)
 
 
 # The unpruned model never handed to `prune`: on a transformers whose forward has no `logits_to_keep` (4.37,
@@ -139,7 +148,7 @@ def measure_once(setup: Setup, new_tokens: int, pruned: bool = True) -> dict:
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         with selection_timer(model) if pruned else contextlib.nullcontext() as ranking:
-            prefill, _ = _timed(lambda: model(**setup.inputs, use_cache=True, **_last_logits_only(model)), device)
+            prefill, _ = _timed(lambda: _prefill(setup), device)
         sample = {"prefill_s": prefill, "ranking_share": ranking.seconds / prefill if pruned else 0.0}
         if new_tokens:
             clock = StepClock(device)

@@ -41,7 +41,9 @@ def register(subparsers) -> None:
     what.add_argument("--dataset", choices=list(LOADERS), default="testbed",
                       help="question set format (default: testbed)")
     what.add_argument("--data", help="dataset file or folder (default for testbed: the model's checkpoint settings)")
-    what.add_argument("--answers", help="llava3d only: the answers file")
+    what.add_argument("--answers", help="llava3d: the answers file; vqav2: the annotations file "
+                                        "(e.g. v2_mscoco_val2014_annotations.json)")
+    what.add_argument("--images", help="vqav2 only: the folder of COCO images (COCO_val2014_<12-digit id>.jpg ...)")
     what.add_argument("--split", default="test", help="split, for testbed and sqa3d (default: test)")
     what.add_argument("--scenes", type=int, help="testbed only: use the first N scenes of the split")
     what.add_argument("--limit", type=int, help="evaluate a fixed subset: the first N questions of a seeded shuffle")
@@ -94,12 +96,13 @@ def run(args) -> int:
     configs = sweep_configs(args.methods, values, num_layers, schedules, budget)
     settings = {"model": args.model, "checkpoint": str(checkpoint), "dataset": args.dataset, "data": args.data,
                 "split": args.split, "scenes": args.scenes, "limit": args.limit, "seed": args.seed,
-                **({"decoding": answerer.decoding} if hasattr(answerer, "decoding") else {})}  # sampled or not
+                **({"decoding": answerer.decoding} if hasattr(answerer, "decoding") else {}),  # sampled or not
+                **{name: getattr(args, name) for name in ("answers", "images") if getattr(args, name)}}
     predictions = evaluate(answerer, subset, configs, args.out, settings, batch_size=args.batch_size,
                            max_new_tokens=args.max_new_tokens, fresh=args.fresh, progress=not args.no_progress)
     if predictions is None:  # not rank 0: rank 0 writes the report
         return 0
-    rows, metrics = summarize(configs, predictions, ngram=args.ngram)
+    rows, metrics = summarize(configs, predictions, ngram=args.ngram, vqa=args.dataset == "vqav2")
     context = {
         "model": f"{args.model} ({num_layers} decoder layers)", "checkpoint": str(checkpoint),
         "dataset": f"{args.dataset} {args.split}" if args.dataset in ("testbed", "sqa3d") else args.dataset,
@@ -144,9 +147,10 @@ def _check_args(args) -> None:
         raise ValueError("pass --retentions or --final-keeps, not both: they are two readings of one budget")
     if not args.final_keeps:
         args.retentions = args.retentions or DEFAULT_RETENTIONS
-    if args.model == "hf" and (args.checkpoint is None or args.dataset == "testbed"):
+    if args.model == "hf" and (args.checkpoint is None or args.dataset not in ("jsonl", "vqav2")):
         raise ValueError("--model hf answers image questions from a local checkpoint: pass --checkpoint PATH and "
-                         "--dataset jsonl --data QUESTIONS.jsonl (one {question_id, image, question, answers} a line)")
+                         "--dataset jsonl --data QUESTIONS.jsonl (one {question_id, image, question, answers} a line) "
+                         "or --dataset vqav2 --data QUESTIONS.json --answers ANNOTATIONS.json --images FOLDER")
     if args.model == "llava3d" and args.dataset not in ("scanqa", "sqa3d", "llava3d"):
         raise ValueError(f"--model llava3d answers scene questions: --dataset scanqa, sqa3d or llava3d, not "
                          f"{args.dataset}")
@@ -162,5 +166,6 @@ def _check_args(args) -> None:
 def _questions(args, checkpoint: Path) -> list[QARecord]:
     if args.dataset == "testbed":
         return load_dataset("testbed", args.data or checkpoint, split=args.split, num_scenes=args.scenes)
-    options = {"sqa3d": {"split": args.split}, "llava3d": {"answers": args.answers}}.get(args.dataset, {})
+    options = {"sqa3d": {"split": args.split}, "llava3d": {"answers": args.answers},
+               "vqav2": {"answers": args.answers, "images": args.images}}.get(args.dataset, {})
     return load_dataset(args.dataset, args.data, **options)

@@ -1,20 +1,23 @@
-"""Loaders for 3D question-answering evaluation sets, all returning `QARecord`s.
+"""Loaders for question-answering evaluation sets, all returning `QARecord`s.
 
 Formats read: ScanQA's ScanQA_v1.0_{split}.json, SQA3D's balanced questions + annotations files,
-LLaVA-3D's evaluation question/answer files, and a plain JSONL. Nothing is ever downloaded: every
+LLaVA-3D's evaluation question/answer files, VQAv2's questions + annotations files with a folder of
+COCO images, and a plain JSONL. Nothing is ever downloaded: every
 loader reads the files it is given, and a missing file, field or malformed record raises an error
 that names the file, the record and what was expected.
 """
 from __future__ import annotations
 
 import json
+import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
 from adatoken.eval.boxes import as_box, unique_multiple
-from adatoken.eval.metrics import SQA3D_TYPES, sqa3d_question_type
+from adatoken.eval.metrics import SQA3D_TYPES, VQA_ANSWER_TYPES, VQA_NUM_ANSWERS, sqa3d_question_type
 
 SQA3D_SPLITS = ("train", "val", "test")
 
@@ -306,6 +309,136 @@ def load_jsonl(path: str | Path) -> list[QARecord]:
     return _records(path, _read_jsonl(path, "JSONL question file"), build)
 
 
+# --- VQAv2 ---------------------------------------------------------------------------------
+VQA_IMAGES_HINT = "images=FOLDER (adatoken eval: --images FOLDER), the folder holding the COCO images, e.g. val2014"
+
+
+def load_vqav2(path: str | Path, answers: str | Path | None = None, images: str | Path | None = None) -> list[QARecord]:
+    """VQAv2 (or v1) in the official format: the questions file (v2_OpenEnded_mscoco_val2014_questions.json:
+    {"data_subtype": "val2014", "questions": [{question_id, image_id, question}]}, or a plain list of those),
+    `answers=` the annotations file (v2_mscoco_val2014_annotations.json: {"annotations": [{question_id, image_id,
+    answers: [{answer, answer_confidence, answer_id}] x 10, multiple_choice_answer, answer_type, question_type}]})
+    and `images=` the folder of COCO images, joined by question_id.
+
+    Records follow the questions file; annotations of other questions are ignored, so a subset can be scored.
+    answers are the ten human answers as written, qtype the answer type (VQA_ANSWER_TYPES), extra["image"] the
+    image's path (`_CocoImages`) and extra["answer_format"] "vqa", which makes score_records add VQA accuracy.
+    """
+    path = Path(path)
+    if answers is None:
+        raise ValueError(f"{path}: VQAv2 questions carry no answers; pass answers=ANNOTATIONS.json "
+                         "(adatoken eval: --answers), e.g. v2_mscoco_val2014_annotations.json")
+    if images is None:
+        raise ValueError(f"{path}: VQAv2 questions need their images: pass {VQA_IMAGES_HINT}")
+    annotations_path = Path(answers)
+    header, rows = _vqa_file(path, "VQAv2 questions file (e.g. v2_OpenEnded_mscoco_val2014_questions.json)",
+                             "questions")
+    split = header.get("data_subtype")
+    if split is not None and not isinstance(split, str):
+        raise DatasetFormatError(f"{path}: field 'data_subtype' is {split!r}, expected a string such as 'val2014'")
+    coco = _CocoImages(Path(images), split)
+    _, annotation_rows = _vqa_file(annotations_path, "VQAv2 annotations file (e.g. v2_mscoco_val2014_annotations.json)",
+                                   "annotations")
+    annotated = _by_question_id(annotations_path, annotation_rows)
+
+    records = []
+    for location, data in rows:
+        q = _Record(path, location, data)
+        a = annotated.get(q.question_id())
+        if a is None:
+            q.fail(f"no annotation with this question_id in {annotations_path.name}")
+        image_id = _vqa_image_id(q)
+        if _vqa_image_id(a) != image_id:
+            a.fail(f"image_id {_vqa_image_id(a)} differs from {image_id} in {path.name}")
+        records.append(QARecord(
+            question_id=q.question_id(), scene_id=None, question=q.text("question"), answers=_vqa_answers(a),
+            qtype=_vqa_answer_type(a),
+            extra={"image": str(coco.find(q, image_id)), "image_id": image_id, "answer_format": "vqa",
+                   **{key: a.text(key) for key in ("question_type", "multiple_choice_answer") if a.has(key)}},
+        ))
+    return _check_unique(records, path)
+
+
+def _vqa_file(path: Path, what: str, key: str) -> tuple[dict, list[tuple[str, object]]]:
+    """(the file's other top-level fields, its records): records from data[key] of a JSON object, or the JSON list."""
+    data = _read_json(path, what)
+    if isinstance(data, dict):
+        if not isinstance(data.get(key), list):
+            found = "missing" if key not in data else type(data[key]).__name__
+            raise DatasetFormatError(f"{path}: expected a JSON object with a {key!r} list (or a JSON list of "
+                                     f"records); {key!r} is {found}")
+        return {k: v for k, v in data.items() if k != key}, [(f"record {i}", r) for i, r in enumerate(data[key])]
+    if isinstance(data, list):
+        return {}, [(f"record {i}", r) for i, r in enumerate(data)]
+    raise DatasetFormatError(f"{path}: expected a JSON object with a {key!r} list, got {type(data).__name__}")
+
+
+def _vqa_image_id(r: _Record) -> int:
+    value = r.get("image_id")
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        r.fail(f"field 'image_id' is {value!r}, expected a COCO image id (a non-negative integer)")
+    return value
+
+
+def _vqa_answers(a: _Record) -> list[str]:
+    value = a.get("answers")
+    if not isinstance(value, list) or not all(isinstance(x, dict) and isinstance(x.get("answer"), str) for x in value):
+        a.fail(f"field 'answers' is {value!r}, expected a list of {{answer, answer_confidence, answer_id}} objects "
+               "with a string 'answer'")
+    if len(value) != VQA_NUM_ANSWERS:
+        # VQA accuracy leaves out each answer in turn and needs three matches among the rest: defined on ten
+        a.fail(f"field 'answers' holds {len(value)} answers; VQAv2 gives every question {VQA_NUM_ANSWERS} human "
+               "answers, and VQA accuracy is defined over those ten")
+    return [x["answer"] for x in value]
+
+
+def _vqa_answer_type(a: _Record) -> str:
+    value = a.get("answer_type")
+    if value not in VQA_ANSWER_TYPES:
+        a.fail(f"field 'answer_type' is {value!r}, expected one of {', '.join(map(repr, VQA_ANSWER_TYPES))}")
+    return value
+
+
+class _CocoImages:
+    """A COCO image's file by image id, in one folder: COCO_{split}_{id:012d}.jpg when the questions file names
+    its split (data_subtype), else (or when that file is absent) {id:012d}.jpg, else COCO_<any split>_{id:012d}.jpg.
+    The folder is listed at most once, and only when a name has to be searched for (it holds ~40,000 images)."""
+
+    _COCO_NAME = re.compile(r"COCO_.+_(\d{12})\.jpg")
+
+    def __init__(self, folder: Path, split: str | None):
+        if not folder.is_dir():
+            raise FileNotFoundError(f"image folder not found: {folder}; pass {VQA_IMAGES_HINT}")
+        self.folder, self.split = folder.resolve(), split
+        self._listing: dict[int, list[str]] | None = None
+
+    def find(self, q: _Record, image_id: int) -> Path:
+        tried = [f"COCO_{self.split}_{image_id:012d}.jpg"] if self.split else []
+        tried.append(f"{image_id:012d}.jpg")
+        for name in tried:
+            if (self.folder / name).is_file():
+                return self.folder / name
+        found = self._by_id().get(image_id, [])
+        if len(found) > 1:
+            q.fail(f"image_id {image_id} matches {len(found)} files in {self.folder}: {', '.join(sorted(found))}; "
+                   "keep one split's images in the folder")
+        if not found:
+            q.fail(f"no image for image_id {image_id} in {self.folder}: looked for {', '.join(tried)} and "
+                   f"COCO_*_{image_id:012d}.jpg; pass {VQA_IMAGES_HINT}")
+        return self.folder / found[0]
+
+    def _by_id(self) -> dict[int, list[str]]:
+        if self._listing is None:
+            self._listing = {}
+            for entry in os.scandir(self.folder):
+                match = self._COCO_NAME.fullmatch(entry.name)
+                if match and entry.is_file():
+                    self._listing.setdefault(int(match.group(1)), []).append(entry.name)
+        return self._listing
+
+
 def _scanrefer_rows(path: Path, boxes: str | Path | None) -> list[tuple[_Record, list]]:
     """ScanRefer-format records (scene_id, object_id, object_name, ann_id, description) with each one's box:
     inline as "bbox" (8 corners, the benchmark files) or "box" (6 numbers), or from `boxes`, a JSON object
@@ -408,6 +541,7 @@ LOADERS: dict[str, Callable[..., list[QARecord]]] = {
     "scanrefer": load_scanrefer,
     "scan2cap": load_scan2cap,
     "llava3d-scan2cap": load_llava3d_scan2cap,
+    "vqav2": load_vqav2,
 }  # the testbed adds "testbed" when imported (adatoken.testbed.answerer)
 
 

@@ -1,7 +1,8 @@
-"""3D question-answering metrics, computed the way 3D-LMM papers report them.
+"""Question-answering metrics, computed the way 3D-LMM and VQA papers report them.
 
 EM@1 and refined EM follow the ScanQA/SQA3D evaluators of LLaVA-3D, which took their answer
-cleaning and matching from LEO (embodied-generalist). BLEU-1..4, ROUGE-L and CIDEr come from
+cleaning and matching from LEO (embodied-generalist). VQA accuracy (image questions with ten human
+answers, VQAv2) follows the official VQA evaluator (`vqa_accuracy`). BLEU-1..4, ROUGE-L and CIDEr come from
 pycocoevalcap's own scorers; METEOR from pycocoevalcap's meteor-1.5.jar, which needs Java. Where a
 metric cannot be computed it is None and `unavailable` says why: never a silent 0.
 
@@ -19,8 +20,8 @@ import shutil
 from collections.abc import Mapping, Sequence
 from types import SimpleNamespace
 
-__all__ = ["SQA3D_TYPES", "answer_match", "breakdown", "clean_answer", "exact_match", "score", "score_records",
-           "sqa3d_question_type"]
+__all__ = ["SQA3D_TYPES", "VQA_ANSWER_TYPES", "answer_match", "breakdown", "clean_answer", "exact_match", "score",
+           "score_records", "sqa3d_question_type", "vqa_accuracy", "vqa_normalize", "vqa_types"]
 
 STYLES = ("llava3d", "leo")
 TOKENIZERS = ("ptb", "none")
@@ -137,6 +138,105 @@ def sqa3d_question_type(question: str) -> str:
     return "other"
 
 
+# --- VQA accuracy ------------------------------------------------------------------------------
+# The official evaluator: GT-Vision-Lab/VQA@a013f00 (2021-03-11, its latest),
+# PythonEvaluationTools/vqaEvaluation/vqaEval.py. Its tables are copied whole.
+VQA_ANSWER_TYPES = ("yes/no", "number", "other")  # VQAv2's answer_type values, in the order papers print them
+VQA_NUM_ANSWERS = 10  # human answers per VQAv2 question
+_VQA_CONTRACTIONS = {
+    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
+    "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't", "dont": "don't",
+    "hadnt": "hadn't", "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't", "havent": "haven't",
+    "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's", "howd": "how'd", "howll": "how'll",
+    "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm", "Ive": "I've", "isnt": "isn't", "itd": "it'd",
+    "itd've": "it'd've", "it'dve": "it'd've", "itll": "it'll", "let's": "let's", "maam": "ma'am",
+    "mightnt": "mightn't", "mightnt've": "mightn't've", "mightn'tve": "mightn't've", "mightve": "might've",
+    "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't", "notve": "not've", "oclock": "o'clock",
+    "oughtnt": "oughtn't", "ow's'at": "'ow's'at", "'ows'at": "'ow's'at", "'ow'sat": "'ow's'at", "shant": "shan't",
+    "shed've": "she'd've", "she'dve": "she'd've", "she's": "she's", "shouldve": "should've", "shouldnt": "shouldn't",
+    "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've", "somebody'd": "somebodyd",
+    "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've", "somebodyll": "somebody'll",
+    "somebodys": "somebody's", "someoned": "someone'd", "someoned've": "someone'd've", "someone'dve": "someone'd've",
+    "someonell": "someone'll", "someones": "someone's", "somethingd": "something'd", "somethingd've": "something'd've",
+    "something'dve": "something'd've", "somethingll": "something'll", "thats": "that's", "thered": "there'd",
+    "thered've": "there'd've", "there'dve": "there'd've", "therere": "there're", "theres": "there's",
+    "theyd": "they'd", "theyd've": "they'd've", "they'dve": "they'd've", "theyll": "they'll", "theyre": "they're",
+    "theyve": "they've", "twas": "'twas", "wasnt": "wasn't", "wed've": "we'd've", "we'dve": "we'd've", "weve": "we've",
+    "werent": "weren't", "whatll": "what'll", "whatre": "what're", "whats": "what's", "whatve": "what've",
+    "whens": "when's", "whered": "where'd", "wheres": "where's", "whereve": "where've", "whod": "who'd",
+    "whod've": "who'd've", "who'dve": "who'd've", "wholl": "who'll", "whos": "who's", "whove": "who've",
+    "whyll": "why'll", "whyre": "why're", "whys": "why's", "wont": "won't", "wouldve": "would've",
+    "wouldnt": "wouldn't", "wouldnt've": "wouldn't've", "wouldn'tve": "wouldn't've", "yall": "y'all",
+    "yall'll": "y'all'll", "y'allll": "y'all'll", "yall'd've": "y'all'd've", "y'alld've": "y'all'd've",
+    "y'all'dve": "y'all'd've", "youd": "you'd", "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll",
+    "youre": "you're", "youve": "you've",
+}
+_VQA_NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
+                "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+_VQA_ARTICLES = frozenset({"a", "an", "the"})
+_VQA_PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",",
+                    "?", "!")
+# "(?!<=\d)" is the reference's slip for a look-behind; as written it never blocks a match, so every
+# period not followed by a digit goes: "3.5" keeps its point, "dog." and "a.m." lose theirs.
+_VQA_PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")
+_VQA_DIGIT_COMMA = re.compile(r"(\d)(,)(\d)")
+# The reference passes re.UNICODE (32) where sub() takes its count: at most 32 periods are removed.
+_VQA_PERIOD_COUNT = 32
+
+
+def _vqa_strip(text: str) -> str:
+    return text.replace("\n", " ").replace("\t", " ").strip()
+
+
+def _vqa_punctuation(text: str) -> str:
+    """processPunctuation: a mark next to a space anywhere in the text (or any mark, when the text holds a
+    digit-comma-digit such as "1,000") is deleted, otherwise replaced by a space; then the periods go."""
+    out = text
+    delete_all = _VQA_DIGIT_COMMA.search(text) is not None
+    for mark in _VQA_PUNCTUATION:
+        # the test reads the original text, not the partly processed one, as the reference does
+        out = out.replace(mark, "" if delete_all or mark + " " in text or " " + mark in text else " ")
+    return _VQA_PERIOD.sub("", out, count=_VQA_PERIOD_COUNT)
+
+
+def _vqa_digits_articles(text: str) -> str:
+    """processDigitArticle: lowercase, split on whitespace, number words 0-10 to digits, drop a/an/the,
+    restore contractions ("dont" -> "don't"), join with single spaces. (The table's capitalised keys,
+    "Im" and "Ive", never match after lowercasing; kept, as in the reference.)"""
+    words = [_VQA_NUMBERS.get(word, word) for word in text.lower().split()]
+    return " ".join(_VQA_CONTRACTIONS.get(word, word) for word in words if word not in _VQA_ARTICLES)
+
+
+def vqa_normalize(text: str) -> str:
+    """An answer as the official VQA evaluator compares it: tabs and newlines to spaces, stripped, then
+    processPunctuation and processDigitArticle. "The dog." -> "dog", "Two" -> "2", "yes!" -> "yes"."""
+    return _vqa_digits_articles(_vqa_punctuation(_vqa_strip(text)))
+
+
+def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
+    """VQA accuracy of one prediction against the human answers (VQAv2: ten), in [0, 1].
+
+    Each answer is left out in turn; against the other nine the prediction scores min(1, matches / 3);
+    the accuracy is the mean of those ten scores. So 3 matching answers give 0.9 (three subsets lose a
+    match: 2/3; seven keep three: 1), 2 give 0.6, 1 gives 0.3 and 4 or more give 1.
+
+    Matching compares `vqa_normalize`d strings. The reference normalises only when the human answers
+    disagree; when they all agree it compares the stripped prediction with the answer as written, so
+    "Yes" against ten "yes" scores 0 there. Here both sides are always normalised (that case scores 1),
+    as LLaVA (scripts/convert_vqav2_for_submission.py) and lmms-eval (tasks/vqav2/utils.py) normalise every
+    prediction before the reference logic. With disagreeing answers the two are identical.
+    """
+    if isinstance(answers, str) or not answers or not all(isinstance(a, str) for a in answers):
+        raise ValueError(f"answers is {answers!r}, expected a non-empty list of strings")
+    if not isinstance(prediction, str):
+        raise ValueError(f"prediction is {type(prediction).__name__}, expected a string")
+    pred = vqa_normalize(prediction)
+    hits = [vqa_normalize(a) == pred for a in answers]
+    matches = sum(hits)
+    # leaving answer i out leaves `matches - hits[i]` matches among the others
+    return sum(min(1.0, (matches - hit) / 3) for hit in hits) / len(hits)
+
+
 # --- n-gram metrics ----------------------------------------------------------------------------
 NGRAM_INSTALL_HINT = 'pip install "adatoken[eval]"'
 
@@ -238,7 +338,7 @@ def ngram_scores(predictions: Sequence[str], references: Sequence[Sequence[str]]
 def score(predictions: Sequence[str], references: Sequence[Sequence[str]],
           questions: Sequence[str] | None = None, *, qtypes: Sequence[str | None] | None = None,
           question_ids: Sequence[object] | None = None, style: str = "llava3d",
-          tokenizer: str | None = None, ngram: bool = True, meteor: bool = True) -> dict:
+          tokenizer: str | None = None, ngram: bool = True, meteor: bool = True, vqa: bool = False) -> dict:
     """Score predictions against reference answers; one dict with corpus scores and per-sample rows.
 
     predictions: one answer string per sample. references: a non-empty list of answers per sample.
@@ -249,6 +349,9 @@ def score(predictions: Sequence[str], references: Sequence[Sequence[str]],
     ngram: False skips BLEU/ROUGE-L/METEOR/CIDEr (EM only, as LLaVA-3D scores SQA3D). True needs
         pycocoevalcap (`pip install "adatoken[eval]"`) and raises ImportError without it.
     meteor: False skips only METEOR (its JVM takes seconds to start).
+    vqa: True also scores `vqa_accuracy` (on the raw strings, with its own normalisation): a "vqa_accuracy"
+        key in the result, in every sample row and in every by_type row, whose types then come in
+        VQA_ANSWER_TYPES order.
     """
     _check_style(style)
     tokenizer = DEFAULT_TOKENIZER[style] if tokenizer is None else tokenizer
@@ -278,6 +381,9 @@ def score(predictions: Sequence[str], references: Sequence[Sequence[str]],
             "empty_prediction": not _squeeze(pred),
             "empty_reference": any(not _squeeze(r) for r in rs),
         })
+    if vqa:
+        for row, prediction, answers in zip(samples, predictions, references):
+            row["vqa_accuracy"] = vqa_accuracy(prediction, answers)
 
     if ngram:
         corpus, per_sample, unavailable = ngram_scores(preds, refs, tokenizer=tokenizer, meteor=meteor)
@@ -294,6 +400,7 @@ def score(predictions: Sequence[str], references: Sequence[Sequence[str]],
         "tokenizer": tokenizer,
         "em": sum(s["em"] for s in samples) / n,
         "refined_em": sum(s["refined_em"] for s in samples) / n,
+        **({"vqa_accuracy": sum(s["vqa_accuracy"] for s in samples) / n} if vqa else {}),
         **corpus,
         "unavailable": unavailable,
         "num_empty_predictions": sum(s["empty_prediction"] for s in samples),
@@ -304,17 +411,27 @@ def score(predictions: Sequence[str], references: Sequence[Sequence[str]],
     if qtypes is not None and any(t is not None for t in qtypes):
         # SQA3D tables always show all six types, as the reference evaluators print them.
         sqa3d = all(t in SQA3D_TYPES for t in qtypes if t is not None)
-        result["by_type"] = breakdown(samples, types=SQA3D_TYPES if sqa3d else None)
+        types = vqa_types(qtypes) if vqa else SQA3D_TYPES if sqa3d else None
+        result["by_type"] = breakdown(samples, types=types)
     return result
 
 
+def vqa_types(qtypes: Sequence[str | None]) -> list[str]:
+    """The VQA answer types present, in VQA_ANSWER_TYPES order (any other type after them, as breakdown adds it)."""
+    return [t for t in VQA_ANSWER_TYPES if t in set(qtypes)]
+
+
 def score_records(records: Sequence, predictions: Mapping[str, str], **options) -> dict:
-    """`score` for dataset records (adatoken.eval.datasets.QARecord) and predictions by question_id."""
+    """`score` for dataset records (adatoken.eval.datasets.QARecord) and predictions by question_id.
+
+    Records a loader marked extra["answer_format"] == "vqa" (vqav2) are also scored with VQA accuracy,
+    unless options say vqa=False."""
     missing = [r.question_id for r in records if r.question_id not in predictions]
     if missing:
         raise ValueError(f"{len(missing)} of {len(records)} records have no prediction "
                          f"(first: {missing[:3]}); predictions are looked up by question_id")
     qtypes = [r.qtype for r in records]
+    options.setdefault("vqa", bool(records) and all(r.extra.get("answer_format") == "vqa" for r in records))
     return score(
         [predictions[r.question_id] for r in records], [r.answers for r in records],
         qtypes=qtypes if any(t is not None for t in qtypes) else None,
@@ -324,11 +441,12 @@ def score_records(records: Sequence, predictions: Mapping[str, str], **options) 
 
 def breakdown(samples: Sequence[Mapping], key: str = "qtype",
               types: Sequence[str] | None = None) -> dict[str, dict]:
-    """EM and refined EM per value of `key` over score()'s sample rows.
+    """EM and refined EM (and VQA accuracy, when the rows carry it) per value of `key` over score()'s sample rows.
 
     Rows come in the order of `types` (every one listed, n=0 and None scores when absent), or, when
     types is None, in order of first appearance. Samples whose key is None are left out.
     """
+    vqa = any("vqa_accuracy" in sample for sample in samples)
     groups: dict[str, list[Mapping]] = {t: [] for t in types or ()}
     for sample in samples:
         value = sample.get(key)
@@ -342,6 +460,8 @@ def breakdown(samples: Sequence[Mapping], key: str = "qtype",
             "em": sum(r["em"] for r in rows) / count if count else None,
             "refined_em": sum(r["refined_em"] for r in rows) / count if count else None,
         }
+        if vqa:
+            table[value]["vqa_accuracy"] = sum(r["vqa_accuracy"] for r in rows) / count if count else None
     return table
 
 

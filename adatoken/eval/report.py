@@ -5,9 +5,11 @@
 
 Accuracy is EM and refined EM (adatoken.eval.metrics), with 95 % Wilson score intervals: the
 binomial interval that stays inside [0, 1] and keeps its coverage at the few hundred questions and
-the extreme accuracies a per-type column has. FLOPs are the analytic prefill FLOPs of each sample at
-the token counts that actually entered each layer (adatoken.core.flops), averaged over samples. Latency is
-the median over batches of the measured prefill time: wall-clock, so noisy on a shared CPU.
+the extreme accuracies a per-type column has. VQA question sets (vqav2) also get VQA accuracy, a mean
+of per-question scores in [0, 1], with the Wilson interval at that mean (`Accuracy.of_scores`).
+FLOPs are the analytic prefill FLOPs of each sample at the token counts that actually entered each layer
+(adatoken.core.flops), averaged over samples. Latency is the median over batches of the measured prefill
+time: wall-clock, so noisy on a shared CPU.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from adatoken.core.artifacts import write_atomic, write_json_atomic, write_text_atomic
-from adatoken.eval.metrics import SQA3D_TYPES, breakdown, score
+from adatoken.eval.metrics import SQA3D_TYPES, VQA_ANSWER_TYPES, breakdown, score, vqa_types
 from adatoken.eval.runner import SweepConfig
 
 REPORT_FORMAT = "adatoken.eval.report/v1"
@@ -31,6 +33,8 @@ def wilson_interval(successes: int, n: int, z: float = Z_95) -> tuple[float, flo
     """Wilson score interval of a binomial proportion (95 % by default)."""
     if n <= 0:
         raise ValueError(f"a Wilson interval needs at least one trial, got n={n}")
+    if not 0 <= successes <= n:
+        raise ValueError(f"successes must lie in [0, n], got {successes} of n={n}")
     p = successes / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
@@ -46,8 +50,22 @@ class Accuracy:
 
     @classmethod
     def of(cls, hits: Sequence[bool]) -> "Accuracy":
-        n = len(hits)
-        return cls(n, sum(hits) / n if n else None, wilson_interval(sum(hits), n))
+        return cls.of_scores([float(hit) for hit in hits])
+
+    @classmethod
+    def of_scores(cls, scores: Sequence[float]) -> "Accuracy":
+        """Mean of per-question scores in [0, 1] (0/1 hits: a proportion) with the 95 % Wilson interval at that mean.
+
+        For scores between 0 and 1 (VQA accuracy: 0, 0.3, 0.6, 0.9, 1) this is conservative: a score in [0, 1]
+        with mean p has variance at most p(1 - p), that of a 0/1 score, so the interval is at least as wide as
+        a normal interval with the true variance, and unlike one built on the sample variance it neither leaves
+        [0, 1] nor shrinks to a point when every score is 0 or 1. No questions: value None, interval [0, 1].
+        """
+        n = len(scores)
+        if n == 0:  # a type no question of the subset has (SQA3D tables list all six)
+            return cls(0, None, (0.0, 1.0))
+        total = sum(scores)
+        return cls(n, total / n, wilson_interval(total, n))
 
 
 @dataclass
@@ -61,6 +79,8 @@ class ReportRow:
     em: Accuracy | None = None
     refined_em: Accuracy | None = None
     em_by_type: dict[str, Accuracy] = field(default_factory=dict)
+    vqa_acc: Accuracy | None = None          # VQA question sets only (report.json leaves both out otherwise)
+    vqa_by_type: dict[str, Accuracy] = field(default_factory=dict)  # by answer type
     ngram: dict[str, float | None] = field(default_factory=dict)
     ngram_unavailable: dict[str, str] = field(default_factory=dict)  # metric -> why it is None
     measured_retention: float | None = None  # mean over samples of mean over layers of kept / input spatial
@@ -73,10 +93,13 @@ class ReportRow:
 
 
 def summarize(configs: Sequence[SweepConfig], predictions: dict[str, list[dict]], *, ngram: bool = False,
-              style: str = "llava3d") -> tuple[list[ReportRow], dict]:
-    """One ReportRow per config (in sweep order) and metrics.json's content: each config's full scores."""
+              style: str = "llava3d", vqa: bool = False) -> tuple[list[ReportRow], dict]:
+    """One ReportRow per config (in sweep order) and metrics.json's content: each config's full scores.
+
+    vqa: also VQA accuracy, overall and by answer type (a VQAv2-format question set).
+    """
     all_rows = [row for rows in predictions.values() for row in rows]
-    types = _question_types(all_rows)
+    types = _question_types(all_rows, vqa)
     report, metrics = [], {}
     for config in configs:
         if config.skipped is not None:
@@ -86,7 +109,7 @@ def summarize(configs: Sequence[SweepConfig], predictions: dict[str, list[dict]]
         rows = predictions[config.key]
         scores = score([r["prediction"] for r in rows], [r["references"] for r in rows],
                        qtypes=[r["qtype"] for r in rows] if types else None,
-                       question_ids=[r["question_id"] for r in rows], style=style, ngram=ngram)
+                       question_ids=[r["question_id"] for r in rows], style=style, ngram=ngram, vqa=vqa)
         samples = scores.pop("samples")  # per-sample rows are in the predictions files already
         scores["by_type"] = breakdown(samples, types=types) if types else None  # in the table's column order
         metrics[config.key] = scores
@@ -95,6 +118,9 @@ def summarize(configs: Sequence[SweepConfig], predictions: dict[str, list[dict]]
             em=Accuracy.of([s["em"] for s in samples]),
             refined_em=Accuracy.of([s["refined_em"] for s in samples]),
             em_by_type={t: Accuracy.of([s["em"] for s in samples if s["qtype"] == t]) for t in types},
+            vqa_acc=Accuracy.of_scores([s["vqa_accuracy"] for s in samples]) if vqa else None,
+            vqa_by_type={t: Accuracy.of_scores([s["vqa_accuracy"] for s in samples if s["qtype"] == t])
+                         for t in types} if vqa else {},
             ngram={name: scores[name] for name in NGRAM_SHOWN} if ngram else {},
             ngram_unavailable={n: why for n, why in scores["unavailable"].items() if n in NGRAM_SHOWN} if ngram else {},
             measured_retention=_mean_retention(rows),
@@ -111,8 +137,10 @@ def summarize(configs: Sequence[SweepConfig], predictions: dict[str, list[dict]]
     return report, metrics
 
 
-def _question_types(rows: list[dict]) -> list[str]:
+def _question_types(rows: list[dict], vqa: bool = False) -> list[str]:
     found = {r["qtype"] for r in rows if r["qtype"] is not None}
+    if vqa:  # yes/no, number, other, as VQA papers print them; any other type after them
+        return vqa_types(list(found)) + sorted(found - set(VQA_ANSWER_TYPES))
     # SQA3D tables show its six types in the reference evaluators' order; other sets sort theirs
     return list(SQA3D_TYPES) if found and found <= set(SQA3D_TYPES) else sorted(found)
 
@@ -149,12 +177,29 @@ def write_report(out: str | Path, rows: list[ReportRow], metrics: dict, context:
     paths = [out / "metrics.json", out / "report.json", out / "report.md", out / "accuracy_vs_flops.png"]
     write_json_atomic(paths[0], {"context": context, "configs": metrics})
     write_text_atomic(paths[1], json.dumps({"format": REPORT_FORMAT, "context": context,
-                                      "rows": [asdict(r) for r in rows]}, indent=2) + "\n")
+                                      "rows": [_row_json(r) for r in rows]}, indent=2) + "\n")
     write_text_atomic(paths[2], to_markdown(rows, context))
-    title = (f"EM vs prefill FLOPs: {context.get('model', 'model')} on {context.get('dataset', 'dataset')} "
-             f"(n={context.get('num_questions', '?')})")
+    title = (f"{_headline_name(rows)} vs prefill FLOPs: {context.get('model', 'model')} on "
+             f"{context.get('dataset', 'dataset')} (n={context.get('num_questions', '?')})")
     plot_accuracy_vs_flops(rows, paths[3], title)
     return paths
+
+
+def _row_json(row: ReportRow) -> dict:
+    """A row as report.json stores it; the VQA fields only for VQA question sets, so other reports keep their keys."""
+    data = asdict(row)
+    if row.vqa_acc is None:
+        del data["vqa_acc"], data["vqa_by_type"]
+    return data
+
+
+def _headline(row: ReportRow) -> Accuracy | None:
+    """The accuracy the figure plots: VQA accuracy for VQA question sets, EM otherwise."""
+    return row.em if row.vqa_acc is None else row.vqa_acc
+
+
+def _headline_name(rows: Sequence[ReportRow]) -> str:
+    return "VQA accuracy" if any(r.vqa_acc is not None for r in rows) else "EM"
 
 
 def _pct(acc: Accuracy | None, ci: bool = True) -> str:
@@ -176,11 +221,13 @@ def _flops_unit(rows: list[ReportRow]) -> tuple[str, float]:
 def to_markdown(rows: list[ReportRow], context: dict) -> str:
     unit, scale = _flops_unit(rows)
     ngram_names = [n for n in NGRAM_SHOWN if any(n in r.ngram for r in rows)]
+    vqa = any(r.vqa_acc is not None for r in rows)
     lines = [f"# Pruning sweep: {context.get('model', '?')} on {context.get('dataset', '?')}", ""]
     for name, value in context.items():
         lines.append(f"- {name}: `{value}`" if name == "command" else f"- {name}: {value}")
     lines += [
         "",
+        *([VQA_NOTE, ""] if vqa else []),
         "EM and refined EM in %, with 95 % Wilson score intervals in brackets. "
         f"{unit}: analytic prefill FLOPs per sample at the tokens that entered each layer; "
         "'vs none' is that divided by the unpruned model's. Retention: requested, and measured "
@@ -192,7 +239,7 @@ def to_markdown(rows: list[ReportRow], context: dict) -> str:
         "(noisy on a shared CPU; compare within one run only). Time: total generation time of the config.",
         "",
     ]
-    head = ["method", "retention", "measured", "final", "EM %", "refined EM %",
+    head = ["method", "retention", "measured", "final", *(["VQA acc %"] if vqa else []), "EM %", "refined EM %",
             *(NGRAM_SHOWN[n] for n in ngram_names), unit, "vs none", "prefill ms", "time s"]
     lines += [_table_row(head), _table_row(["---"] * len(head))]
     skipped = []
@@ -203,20 +250,17 @@ def to_markdown(rows: list[ReportRow], context: dict) -> str:
             cells = [row.method, retention, f"skipped ({len(skipped)})"] + [""] * (len(head) - 3)
         else:
             cells = [row.method, retention, _num(row.measured_retention, ".3f"), _num(row.final_keep, ".3f"),
-                     _pct(row.em), _pct(row.refined_em),
+                     *([_pct(row.vqa_acc)] if vqa else []), _pct(row.em), _pct(row.refined_em),
                      *(_num(row.ngram.get(n), ".3f") for n in ngram_names),
                      _num(row.prefill_flops / scale, ".3f"), _num(row.flops_ratio, ".2f"),
                      _num(row.prefill_ms, ".1f"), _num(row.answer_s, ".1f")]
         lines.append(_table_row(cells))
 
-    types = next((list(r.em_by_type) for r in rows if r.em_by_type), [])
-    if types:
-        counts = next(r.em_by_type for r in rows if r.em_by_type)
-        lines += ["", "## EM by question type (%, 95 % Wilson interval)", ""]
-        head = ["method", "retention", *(f"{t} (n={counts[t].n})" for t in types)]
-        lines += [_table_row(head), _table_row(["---"] * len(head))]
-        for row in (r for r in rows if r.skipped is None):
-            lines.append(_table_row([row.method, row.label, *(_pct(row.em_by_type.get(t)) for t in types)]))
+    if vqa:  # VQA reports break VQA accuracy down by answer type (report.json keeps EM by type too)
+        lines += _by_type_table(rows, "vqa_by_type", "VQA accuracy by answer type (%, 95 % Wilson interval at the "
+                                                     "mean score)")
+    else:
+        lines += _by_type_table(rows, "em_by_type", "EM by question type (%, 95 % Wilson interval)")
     reasons = {f"{NGRAM_SHOWN[n]}: {why}" for r in rows for n, why in r.ngram_unavailable.items()}
     if reasons:
         lines += ["", "Not computed (–): " + "; ".join(sorted(reasons)) + "."]
@@ -226,20 +270,40 @@ def to_markdown(rows: list[ReportRow], context: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+VQA_NOTE = ("VQA acc: the official VQA accuracy (docs/metrics.md: each prediction against the ten human answers, "
+            "min(1, matches / 3) averaged over the ten leave-one-out sets of nine), mean over questions, in %, with a "
+            "95 % Wilson score interval at that mean (conservative for scores between 0 and 1). EM and refined EM "
+            "are scored as for every question set: against any of the ten answers, after adatoken's answer cleaning.")
+
+
+def _by_type_table(rows: list[ReportRow], name: str, title: str) -> list[str]:
+    """Markdown lines of one accuracy per type and config (`name`: em_by_type or vqa_by_type); none without types."""
+    counts = next((getattr(r, name) for r in rows if getattr(r, name)), {})
+    if not counts:
+        return []
+    lines = ["", f"## {title}", ""]
+    head = ["method", "retention", *(f"{t} (n={acc.n})" for t, acc in counts.items())]
+    lines += [_table_row(head), _table_row(["---"] * len(head))]
+    for row in (r for r in rows if r.skipped is None):
+        lines.append(_table_row([row.method, row.label, *(_pct(getattr(row, name).get(t)) for t in counts)]))
+    return lines
+
+
 def _table_row(cells: Sequence[str]) -> str:
     return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
 
 
 def plot_accuracy_vs_flops(rows: list[ReportRow], path: str | Path, title: str) -> None:
     """One line per method through its retentions, x = prefill FLOPs (relative to `none` when it ran),
-    y = EM with its 95 % interval; the unpruned model is a star and a dashed line across."""
+    y = EM (VQA accuracy for VQA question sets) with its 95 % interval; the unpruned model is a star and a
+    dashed line across."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     from adatoken.calibration.plots import method_style
 
-    ran = [r for r in rows if r.skipped is None and r.em is not None and r.em.value is not None]
+    ran = [r for r in rows if r.skipped is None and _headline(r) is not None and _headline(r).value is not None]
     relative = any(r.flops_ratio is not None for r in ran)
     unit, scale = _flops_unit(rows)
 
@@ -247,9 +311,9 @@ def plot_accuracy_vs_flops(rows: list[ReportRow], path: str | Path, title: str) 
         return row.flops_ratio if relative else row.prefill_flops / scale
 
     def yerr(points: list[ReportRow]) -> list[list[float]]:
-        """Distances from each EM down and up to its interval's ends, as errorbar wants them."""
-        return [[100 * (r.em.value - r.em.ci95[0]) for r in points],
-                [100 * (r.em.ci95[1] - r.em.value) for r in points]]
+        """Distances from each accuracy down and up to its interval's ends, as errorbar wants them."""
+        return [[100 * (_headline(r).value - _headline(r).ci95[0]) for r in points],
+                [100 * (_headline(r).ci95[1] - _headline(r).value) for r in points]]
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     methods = list(dict.fromkeys(r.method for r in ran if r.method != "none"))
@@ -257,23 +321,23 @@ def plot_accuracy_vs_flops(rows: list[ReportRow], path: str | Path, title: str) 
     # marker (variants dashed) and see-through interval bars keep each one visible.
     for method in methods:
         points = sorted((r for r in ran if r.method == method), key=x)
-        _, caps, bars = ax.errorbar([x(r) for r in points], [100 * r.em.value for r in points], yerr=yerr(points),
-                                    **method_style(method), linestyle="--" if ":" in method else "-",
+        _, caps, bars = ax.errorbar([x(r) for r in points], [100 * _headline(r).value for r in points],
+                                    yerr=yerr(points), **method_style(method), linestyle="--" if ":" in method else "-",
                                     markersize=6, capsize=3, linewidth=1.5, elinewidth=1, label=method)
         for artist in (*caps, *bars):
             artist.set_alpha(0.35)
     for retention in sorted({r.retention for r in ran if r.retention is not None}):
         cluster = [r for r in ran if r.retention == retention]
-        top = max(cluster, key=lambda r: r.em.ci95[1])
+        top = max(cluster, key=lambda r: _headline(r).ci95[1])
         label = top.label if top.label.startswith("final") else f"retention {top.label}"
-        ax.annotate(label, (statistics.fmean(x(r) for r in cluster), 100 * top.em.ci95[1]),
+        ax.annotate(label, (statistics.fmean(x(r) for r in cluster), 100 * _headline(top).ci95[1]),
                     textcoords="offset points", xytext=(0, 5), ha="center", fontsize=8, color="0.3")
     for r in (r for r in ran if r.method == "none"):
-        ax.errorbar([x(r)], [100 * r.em.value], yerr=yerr([r]), marker="*", markersize=14, color="black",
+        ax.errorbar([x(r)], [100 * _headline(r).value], yerr=yerr([r]), marker="*", markersize=14, color="black",
                     capsize=3, linestyle="none", label="none (unpruned)")
-        ax.axhline(100 * r.em.value, color="black", linestyle="--", linewidth=0.8, alpha=0.6)
+        ax.axhline(100 * _headline(r).value, color="black", linestyle="--", linewidth=0.8, alpha=0.6)
     ax.set_xlabel("prefill FLOPs relative to unpruned" if relative else f"prefill {unit} per sample")
-    ax.set_ylabel("EM (%), 95 % Wilson interval")
+    ax.set_ylabel(f"{_headline_name(rows)} (%), 95 % Wilson interval")
     ax.set_title(title, fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.margins(x=0.08, y=0.12)  # room for the retention labels above the points
