@@ -45,14 +45,22 @@ def farthest_point_order(points: torch.Tensor, count: int) -> torch.Tensor:
     count = min(count, len(points))
     if count <= 0:
         return torch.zeros(0, dtype=torch.long, device=points.device)
-    # numpy: the loop is `count` small steps, where torch's per-call overhead would dominate; squared distances
-    # pick the same points
+    # numpy on one contiguous array per coordinate: the loop is `count` small steps, where torch's per-call
+    # overhead (and numpy's reductions over a short last axis) would dominate; squared distances pick the same
     xyz = points.detach().float().cpu().numpy()
-    picks = [int(((xyz - xyz.mean(0)) ** 2).sum(1).argmax())]
-    nearest = ((xyz - xyz[picks[0]]) ** 2).sum(1)
+    columns = [np.ascontiguousarray(c) for c in xyz.T]
+
+    def squared_distance(to) -> np.ndarray:
+        out = (columns[0] - to[0]) ** 2
+        for column, value in zip(columns[1:], to[1:]):
+            out += (column - value) ** 2
+        return out
+
+    picks = [int(squared_distance(xyz.mean(0)).argmax())]
+    nearest = squared_distance([c[picks[0]] for c in columns])
     for _ in range(count - 1):
         picks.append(int(nearest.argmax()))
-        np.minimum(nearest, ((xyz - xyz[picks[-1]]) ** 2).sum(1), out=nearest)
+        np.minimum(nearest, squared_distance([c[picks[-1]] for c in columns]), out=nearest)
     return torch.tensor(picks, device=points.device)
 
 
