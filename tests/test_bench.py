@@ -28,6 +28,21 @@ def test_bench_writes_json_and_markdown(tmp_path):
     assert "adatoken3d@0.5" in out.with_suffix(".md").read_text()
 
 
+def test_bench_times_a_checkpoint_with_its_own_weights(tmp_path):
+    """`bench --checkpoint`: a saved image-text-to-text model (LLaVA-1.5) is timed as it is, its decoder pruned."""
+    from tiny_models import tiny_llava_checkpoint
+
+    tiny_llava_checkpoint(tmp_path / "llava")
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--checkpoint", str(tmp_path / "llava"), "--spatial", "32", "--text", "12",
+                 "--retentions", "0.4", "--methods", "fastv", "--new-tokens", "2", "--repeats", "1",
+                 "--out", str(out)]) == 0
+    [result] = json.loads(out.read_text())
+    rows = {row["config"]: row for row in result["rows"]}
+    assert result["shape"] == str(tmp_path / "llava") and result["config"]["model_type"] == "llava"
+    assert rows["fastv@0.4"]["flops_ratio"] > 1 and rows["fastv@0.4"]["kv_cache_bytes"] < rows["none"]["kv_cache_bytes"]
+
+
 def test_throughput_sizes_the_batch_from_the_measured_footprint(tmp_path):
     out = tmp_path / "throughput.json"
     assert main(["bench", "--shape", "tiny-6l", "--throughput", "--memory-budget-gb", "0.05", "--spatial", "400",

@@ -72,7 +72,8 @@ def build_setup(model, batch: int, spatial: int, text: int, device: str) -> Setu
     mask[:, system:system + spatial] = True
     dtype = model.get_input_embeddings().weight.dtype
     generator = torch.Generator(device=device).manual_seed(0)
-    embeds = torch.randn(batch, length, model.config.hidden_size, device=device, dtype=dtype, generator=generator)
+    hidden = model.get_input_embeddings().weight.shape[1]
+    embeds = torch.randn(batch, length, hidden, device=device, dtype=dtype, generator=generator)
     inputs = {"inputs_embeds": embeds * 0.02,
               "attention_mask": torch.ones(batch, length, dtype=torch.long, device=device)}
     # random points in a 6 x 6 x 3 m room: what a 3D model's spatial tokens come with (coverage selects by them)
@@ -235,7 +236,7 @@ def benchmark(model, label: str, batches, configs: dict[str, dict], spatial: int
 
 def summarize(setup: Setup, configs: dict[str, PruneConfig], tokens_in: dict[str, list[int]], samples,
               skipped) -> list[dict]:
-    shape = flops.ModelShape.from_config(setup.model.config)
+    shape = flops.ModelShape.from_config(adapters.decoder_config(setup.model.config))
     num_layers = len(next(iter(tokens_in.values()))) if tokens_in else 0
     batch = setup.spatial.shape[0]
     bytes_per = setup.model.get_input_embeddings().weight.element_size()

@@ -23,6 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--shape", choices=sorted(models.SHAPES), default="cpu-llama-12l", help="a named model shape")
     source.add_argument("--config", help="a local directory or config.json of a real checkpoint (random weights)")
+    source.add_argument("--checkpoint", help="a local checkpoint folder: the model with its real weights (a causal LM "
+                                             "or an image-text-to-text model such as LLaVA; its decoder is timed)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                         help="default: bfloat16 on GPU, float32 on CPU")
@@ -52,8 +54,11 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
     torch.manual_seed(0)
-    model = bench.build_model(args.shape, args.config, args.device, dtype)
-    label = args.config or args.shape
+    if args.checkpoint:
+        model = models.load_checkpoint(args.checkpoint, dtype).to(args.device).eval()
+    else:
+        model = bench.build_model(args.shape, args.config, args.device, dtype)
+    label = args.checkpoint or args.config or args.shape
     if args.throughput:
         return run_throughput(args, model, label)
     results = bench.benchmark(model, label, args.batch, bench.configurations(args.methods, args.retentions),
