@@ -121,6 +121,10 @@ class Adapter:
         attn = self.layers[layer_idx].self_attn
         return attn.q_proj.weight, attn.q_proj.bias, attn.k_proj.weight, attn.k_proj.bias
 
+    def key_projection(self, layer_idx: int) -> nn.Module:
+        """The module a layer's attention computes its keys with (before any k-norm and RoPE)."""
+        return self.layers[layer_idx].self_attn.k_proj
+
     def qk_norms(self, layer_idx: int) -> tuple[nn.Module | None, nn.Module | None]:
         """Per-head RMSNorms applied to q and k before RoPE (Qwen3), or None where the family has none."""
         attn = self.layers[layer_idx].self_attn

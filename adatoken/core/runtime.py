@@ -189,7 +189,8 @@ class Pass:
     sliced_for: torch.Tensor | None = None  # the index `sliced` was gathered with
     sliced: dict = field(default_factory=dict)
     pending: torch.Tensor | None = None  # scores a layer computed for the next layer's drop
-    previous: tuple | None = None        # (layer, its input, its kwargs) for a method that reads it
+    previous: tuple | None = None        # (layer, its input, its kwargs, {"keys": its k_proj output}) for a method
+    #                                      that reads it (Method.uses_previous_input)
     points: torch.Tensor | None = None   # [B, S, c] the spatial tokens' positions in space, where given
     memo: dict = field(default_factory=dict)  # what a method keeps from one of its drops to the next (RankContext)
 
@@ -545,12 +546,12 @@ class PruneState:
                 if ranks_next:
                     ctx = self._rank_context(idx, run, hidden, self._sliced(run, kwargs), following)
                     run.pending = self._scores(ctx, run)
-        # a method that also reads the previous layer (DART's keys) finds its input, and the keys its attention
+        # a method that also reads the previous layer (DART, FastV) finds its input, and the keys its attention
         # projects (caught as k_proj returns them: no second projection), here at the next layer
         run.previous = None
         if self.method.uses_previous_input and following != target:
             run.previous = (idx, hidden, kwargs, {})
-            _catch_output(self.adapter.layers[idx].self_attn.k_proj, run.previous[3], "keys")
+            _catch_output(self.adapter.key_projection(idx), run.previous[3], "keys")
         self.record.key_index[idx] = run.index
         self.record.key_ok[idx] = run.slot_ok
         if self.method.renumbers_positions and run.index is not None:
