@@ -2,12 +2,10 @@
 built offline here) answering an image-question JSONL, pruned by every method the sweep asks for."""
 import json
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from adatoken.cli import main
-from tiny_models import tiny_llava_checkpoint
+from tiny_models import question_file, tiny_llava_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -15,18 +13,6 @@ def checkpoint(tmp_path_factory):
     folder = tmp_path_factory.mktemp("llava")
     tiny_llava_checkpoint(folder)
     return folder
-
-
-def question_file(folder, count: int = 6):
-    rng = np.random.default_rng(0)
-    lines = []
-    for i in range(count):
-        Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
-        lines.append({"question_id": f"q{i}", "image": f"img{i}.png", "question": "what colour is the chair ?",
-                      "answers": ["red"]})
-    path = folder / "questions.jsonl"
-    path.write_text("\n".join(map(json.dumps, lines)) + "\n")
-    return path
 
 
 def test_eval_runs_a_local_checkpoint_with_pruning(checkpoint, tmp_path, capsys):

@@ -5,7 +5,13 @@ Every decoder has the sizes of the named shape "tiny-6l" (adatoken.core.models: 
 """
 from __future__ import annotations
 
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
 import torch
+from PIL import Image
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import WhitespaceSplit
@@ -193,3 +199,23 @@ def tiny_llava_checkpoint(folder):
                                num_additional_image_tokens=1)
     build_model("llava", "sdpa").save_pretrained(folder)
     processor.save_pretrained(folder)
+
+
+def question_file(folder, count: int = 6):
+    """An image-question JSONL (adatoken's format, docs/metrics.md) beside `count` random PNGs; returns its path."""
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+        lines.append({"question_id": f"q{i}", "image": f"img{i}.png", "question": "what colour is the chair ?",
+                      "answers": ["red"]})
+    path = folder / "questions.jsonl"
+    path.write_text("\n".join(map(json.dumps, lines)) + "\n")
+    return path
+
+
+if __name__ == "__main__":  # python tests/tiny_models.py FOLDER: the checkpoint and questions the README evaluates
+    root = Path(sys.argv[1])
+    (root / "questions").mkdir(parents=True, exist_ok=True)
+    tiny_llava_checkpoint(root / "tiny-llava")
+    print(root / "tiny-llava", question_file(root / "questions"))
