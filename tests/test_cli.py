@@ -99,3 +99,14 @@ def test_testbed_cli_refuses_non_positive_counts():
         main(["testbed", "train", "--geometry-per-type", "-1"])
     with pytest.raises(SystemExit, match="--grounding must be >= 0, got -0.5"):
         main(["testbed", "train", "--grounding", "-0.5"])
+
+
+def test_eval_refuses_options_its_dataset_would_ignore(capsys, tmp_path):
+    """--answers and --images name files only some formats read: elsewhere they are refused, not ignored."""
+    data = tmp_path / "q.jsonl"
+    data.write_text("")
+    for flags, expected in ((["--answers", "a.json"], "--answers applies to --dataset llava3d and vqav2 only"),
+                            (["--images", "imgs"], "--images applies to --dataset vqav2 only")):
+        assert main(["eval", "--model", "hf", "--checkpoint", str(tmp_path), "--dataset", "jsonl", "--data", str(data),
+                     *flags, "--out", str(tmp_path / "out")]) == 2
+        assert expected in capsys.readouterr().err

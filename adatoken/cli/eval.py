@@ -157,6 +157,12 @@ def _check_args(args) -> None:
     if args.model == "testbed" and args.dataset != "testbed":
         raise ValueError(f"the testbed model answers only testbed questions, not --dataset {args.dataset}; "
                          "use --dataset testbed")
+    if args.answers is not None and args.dataset not in ("llava3d", "vqav2"):
+        raise ValueError(f"--answers applies to --dataset llava3d and vqav2 only; --dataset {args.dataset} reads its "
+                         "answers from --data")
+    if args.images is not None and args.dataset != "vqav2":
+        raise ValueError(f"--images applies to --dataset vqav2 only; --dataset {args.dataset} names each image "
+                         "in its records")
     if args.dataset != "testbed" and args.scenes is not None:
         raise ValueError("--scenes applies to --dataset testbed only; use --limit to evaluate a subset")
     if args.dataset != "testbed" and args.data is None:
