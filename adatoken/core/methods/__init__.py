@@ -57,6 +57,19 @@ class RankContext:
         """input_norm(hidden), as the layer's attention will see it (computed on first use)."""
         return self.input_norm(self.hidden)
 
+    def head_keys(self) -> torch.Tensor:
+        """The layer's keys per head before RoPE, fp32 [B, L, kv_heads, head_dim]: as its k_proj returned them where
+        they were caught (`keys`), else projected here from the normed input; through the k-norm where there is one."""
+        from adatoken.core import scoring
+
+        _, _, w_k, b_k = self.qk_weights
+        head_dim = self.qk_weights[0].shape[0] // self.num_heads
+        k_norm = self.qk_norms[1]
+        if self.keys is None:
+            return scoring.project_heads(self.normed, w_k, b_k, head_dim, k_norm)
+        keys = self.keys.float().unflatten(-1, (-1, head_dim))
+        return k_norm(keys).float() if k_norm is not None else keys
+
 
 # What a method is for, in the order tables and figures list them: the unpruned reference, baselines from
 # other papers, controls (what any real ranking must beat), and AdaToken-3D.

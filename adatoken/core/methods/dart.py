@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from adatoken.core import scoring, selection
+from adatoken.core import selection
 from adatoken.core.methods import Method, RankContext, check_layer, one_budget, register
 from adatoken.core.schedule import Schedule
 
@@ -70,14 +70,7 @@ class DART(Method):
     def score(self, ctx: RankContext) -> torch.Tensor:
         c = self.config
         before = ctx.previous
-        w_q, b_q, w_k, b_k = before.qk_weights
-        head_dim = w_q.shape[0] // before.num_heads
-        k_norm = before.qk_norms[1]
-        if before.keys is not None:  # as layer K-1's attention projected them (:419 reads its key_states)
-            keys = before.keys.float().unflatten(-1, (-1, head_dim))                          # [B, L, Hkv, hd]
-            keys = k_norm(keys).float() if k_norm is not None else keys
-        else:
-            keys = scoring.project_heads(before.normed, w_k, b_k, head_dim, k_norm)
+        keys = before.head_keys()  # as layer K-1's attention projected them (:419 reads its key_states)
         # rotated at the positions the sample has alone (a key's L1 norm, unlike attention, depends on where
         # RoPE puts it, and a left-padded row's positions may count its padding)
         cos, sin = (before.cos, before.sin) if before.rope_at is None else \

@@ -76,16 +76,12 @@ class FastV(Method):
 def attention_score(ctx: RankContext):
     """The softmax attention the last instruction token pays each token, averaged over heads, from the
     input `ctx` describes (FastV's and PyramidDrop's released ranking)."""
-    w_q, b_q, w_k, b_k = ctx.qk_weights
+    w_q, b_q, _, _ = ctx.qk_weights
     batch = ctx.normed.shape[0]
     head_dim = w_q.shape[0] // ctx.num_heads
     rows = torch.arange(batch, device=ctx.normed.device)
     q = scoring.project_heads(ctx.normed[rows, ctx.query_slot], w_q, b_q, head_dim, ctx.qk_norms[0])
-    if ctx.keys is not None:  # the keys the layer's own attention projected (RankContext.keys)
-        k = ctx.keys.float().unflatten(-1, (-1, head_dim))
-        k = ctx.qk_norms[1](k).float() if ctx.qk_norms[1] is not None else k
-    else:
-        k = scoring.project_heads(ctx.normed, w_k, b_k, head_dim, ctx.qk_norms[1])
+    k = ctx.head_keys()
     cos, sin = ctx.cos.float(), ctx.sin.float()
     q = scoring.apply_rope(q, cos[rows, ctx.query_slot][:, None], sin[rows, ctx.query_slot][:, None])
     k = scoring.apply_rope(k.transpose(1, 2), cos[:, None], sin[:, None])
