@@ -106,7 +106,7 @@ def test_eval_refuses_options_its_dataset_would_ignore(capsys, tmp_path):
     data = tmp_path / "q.jsonl"
     data.write_text("")
     for flags, expected in ((["--answers", "a.json"], "--answers applies to --dataset llava3d and vqav2 only"),
-                            (["--images", "imgs"], "--images applies to --dataset vqav2 only")):
+                            (["--images", "imgs"], "--images applies to --dataset vqav2 and textvqa only")):
         assert main(["eval", "--model", "hf", "--checkpoint", str(tmp_path), "--dataset", "jsonl", "--data", str(data),
                      *flags, "--out", str(tmp_path / "out")]) == 2
         assert expected in capsys.readouterr().err

@@ -13,6 +13,7 @@ from adatoken.eval.boxes import (
     match_boxes,
     parse_box,
     unique_multiple,
+    without_boxes,
 )
 from adatoken.eval.datasets import DatasetFormatError
 
@@ -69,6 +70,7 @@ def test_unique_multiple_counts_annotated_objects_of_a_class():
 def test_parse_box_and_match_boxes():
     assert parse_box("It is localized at [1.0, -2, 0.5, 1e-1, .3, 2].") == [1.0, -2.0, 0.5, 0.1, 0.3, 2.0]
     assert parse_box("somewhere near the bed") is None
+    assert without_boxes("a red chair [1.0, -2, 0.5, 1e-1, .3, 2] by the bed") == "a red chair by the bed"
     far = [5.5, 0.5, 0.5, 1, 1, 1]
     assert match_boxes([far, UNIT], [UNIT, far]) == [1, 0]
     assert match_boxes([], [UNIT]) == [None]

@@ -95,9 +95,10 @@ def test_load_dataset_by_name():
     import adatoken.testbed  # noqa: F401  (the testbed registers its own loader)
 
     assert set(LOADERS) == {"scanqa", "sqa3d", "llava3d", "jsonl", "scanrefer", "scan2cap", "llava3d-scan2cap",
-                            "vqav2", "testbed"}
+                            "vqav2", "textvqa", "testbed", "testbed-grounding", "testbed-captioning"}
     assert len(load_dataset("sqa3d", FIXTURES / "sqa3d", split="test")) == 3
-    with pytest.raises(ValueError, match="valid: scanqa, sqa3d, llava3d, jsonl, scanrefer, scan2cap, llava3d-scan2cap"):
+    with pytest.raises(ValueError, match="valid: scanqa, sqa3d, llava3d, jsonl, scanrefer, scan2cap, llava3d-scan2cap, "
+                                         "vqav2, textvqa"):
         load_dataset("referit3d", FIXTURES)
 
 

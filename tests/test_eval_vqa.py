@@ -1,5 +1,7 @@
-"""VQAv2 image questions: the loader (official questions + annotations files, COCO image names), VQA accuracy by
-hand, the reports that show it, and `adatoken eval --model hf --dataset vqav2` end to end on a tiny LLaVA-1.5."""
+"""VQAv2 and TextVQA image questions: the loaders (VQAv2's official questions + annotations files and COCO image
+names; TextVQA's TextVQA_0.5.1_val.json and its train_images folder), VQA accuracy by hand (VQAv2-style and
+TextVQA-style answers), the reports that show it, and `adatoken eval --model hf --dataset vqav2` end to end on a
+tiny LLaVA-1.5."""
 import json
 import re
 
@@ -8,10 +10,10 @@ import pytest
 from PIL import Image
 
 from adatoken.cli import main
-from adatoken.eval.datasets import LOADERS, DatasetFormatError, load_dataset, load_vqav2
+from adatoken.eval.datasets import LOADERS, DatasetFormatError, load_dataset, load_textvqa, load_vqav2
 from adatoken.eval.metrics import score, score_records, vqa_accuracy, vqa_normalize
 from adatoken.eval.report import Accuracy, summarize, to_markdown, wilson_interval
-from adatoken.eval.runner import SweepConfig
+from adatoken.eval.runner import SweepConfig, select_subset
 from tiny_models import tiny_llava_checkpoint
 
 # Questions 1 and 2 ask about image 42, question 3 about image 7; the annotations also hold question 9, which the
@@ -264,6 +266,194 @@ def test_accuracy_of_scores_is_wilson_at_the_mean():
     acc = Accuracy.of_scores([0.9, 0.6, 1.0, 0.0])
     assert acc.value == pytest.approx(0.625) and acc.ci95 == pytest.approx(wilson_interval(2.5, 4))
     assert Accuracy.of_scores([0.0] * 5).ci95[1] > 0  # no collapse to a point, as a sample-variance interval would
+
+
+# --- TextVQA ------------------------------------------------------------------------------------
+# Three questions in TextVQA's style: OCR answers whose case and punctuation vary among the ten humans. Question
+# 34603 asks about the same image as 34602; 34604 about another one.
+TEXTVQA_IMAGES = ("0054c91397f2fe05", "00685bc495504d61")
+TEXTVQA_DATA = [
+    {"question_id": 34602, "question": "what brand is this phone?", "image_id": TEXTVQA_IMAGES[0],
+     # normalised: "nokia" x 3 (case and the final period go), "nokia 3310" x 4, "unanswerable" x 3
+     "answers": ["Nokia", "nokia", "NOKIA."] + ["nokia 3310"] * 4 + ["unanswerable"] * 3},
+    {"question_id": 34603, "question": "what number is on the jersey?", "image_id": TEXTVQA_IMAGES[0],
+     # "#" is not among the marks VQA normalisation removes: "#23" stays "#23"; "23." becomes "23", "no. 23" "no 23"
+     "answers": ["23", "#23", "#23", "#23", "#23", "23.", "no. 23", "jordan 23", "jordan", "#23"]},
+    {"question_id": 34604, "question": "what does the can say?", "image_id": TEXTVQA_IMAGES[1],
+     # "coca-cola" -> "coca cola" (a hyphen inside a word becomes a space), "coca - cola" -> "coca cola" (beside a
+     # space it is deleted, and the spaces collapse), "Coca Cola" -> "coca cola": 3 of the 10
+     "answers": ["coca-cola", "Coca Cola", "cocacola", "coke", "coke", "coke", "coke", "coca cola classic", "pepsi",
+                 "coca - cola"]},
+]
+
+
+def textvqa_file(folder, *, edit=None, images: bool = True):
+    """TextVQA_0.5.1_val.json in the official layout (every field of a record) with its train_images/ folder beside
+    it, JPEGs made here with PIL; `edit(data)` changes the parsed file before it is written."""
+    if images:
+        (folder / "train_images").mkdir(exist_ok=True)
+        rng = np.random.default_rng(1)
+        for image_id in TEXTVQA_IMAGES:
+            pixels = rng.integers(0, 255, (18, 22, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / "train_images" / f"{image_id}.jpg")
+    records = [{"question": q["question"], "image_id": q["image_id"], "image_classes": ["Mobile phone"],
+                "flickr_original_url": "https://farm1.staticflickr.com/1/1_o.jpg",
+                "flickr_300k_url": "https://c1.staticflickr.com/1/1/1_z.jpg", "image_width": 1024,
+                "image_height": 768, "answers": list(q["answers"]),
+                "question_tokens": q["question"].rstrip("?").split(), "question_id": q["question_id"],
+                "set_name": "val"} for q in TEXTVQA_DATA]
+    data = {"dataset_type": "val", "dataset_name": "textvqa", "dataset_version": "0.5.1", "data": records}
+    if edit is not None:
+        edit(data)
+    path = folder / "TextVQA_0.5.1_val.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_textvqa_loader_reads_questions_answers_and_images(tmp_path):
+    path = textvqa_file(tmp_path)
+    records = load_textvqa(path)  # images from train_images/ beside the file, LLaVA's layout
+    assert [r.question_id for r in records] == ["34602", "34603", "34604"]  # the file's order, ids as strings
+    first = records[0]
+    assert (first.question, first.scene_id, first.qtype) == ("what brand is this phone?", None, None)
+    assert first.answers == TEXTVQA_DATA[0]["answers"]  # the ten answers as written: scoring normalises them
+    image = (tmp_path / "train_images" / "0054c91397f2fe05.jpg").resolve()
+    assert first.extra == {"image": str(image), "image_id": "0054c91397f2fe05", "answer_format": "vqa",
+                           "image_classes": ["Mobile phone"], "set_name": "val"}
+    assert records[2].extra["image"] == str((tmp_path / "train_images" / "00685bc495504d61.jpg").resolve())
+    assert Image.open(first.extra["image"]).size == (22, 18)  # a real, readable image, as --model hf opens it
+    assert "textvqa" in LOADERS
+    assert load_dataset("textvqa", path) == records
+    # --limit takes the first N of a seeded shuffle, as for every loader: a subset in file order
+    subset = select_subset(records, 2, seed=0)
+    assert len(subset) == 2 and [r.question_id for r in subset] == sorted(r.question_id for r in subset)
+
+
+def test_textvqa_images_from_another_folder(tmp_path):
+    path = textvqa_file(tmp_path)
+    elsewhere = tmp_path / "textvqa_images"
+    (tmp_path / "train_images").rename(elsewhere)
+    records = load_textvqa(path, images=elsewhere)
+    assert records[1].extra["image"] == str((elsewhere / "0054c91397f2fe05.jpg").resolve())
+    assert load_dataset("textvqa", path, images=elsewhere) == records
+
+
+def _add_unanswered(data):
+    data["data"].append({k: v for k, v in data["data"][0].items() if k != "answers"} | {"question_id": 50000})
+
+
+@pytest.mark.parametrize("edit, message", [
+    # files that are not TextVQA: what was found and what is expected
+    (lambda d: d.update(dataset_name="textcaps"),
+     r"TextVQA_0.5.1_val.json: not a TextVQA file: dataset_name is 'textcaps', expected 'textvqa'"),
+    (lambda d: (d.update(questions=d.pop("data")), d.update(data_subtype="val2014")),  # a VQAv2 questions file
+     r"not a TextVQA file: found no 'data' list \(top-level fields: data_subtype, dataset_name, dataset_type, "
+     r"dataset_version, questions\), expected a JSON object \{\"dataset_name\": \"textvqa\", \"data\": \[...\]\}"),
+    (lambda d: d.update(data={"34602": {}}), r"not a TextVQA file: found a 'data' of type dict"),
+    # the test split: no answers to score against
+    (lambda d: (d.update(dataset_type="test"), [r.pop("answers") for r in d["data"]]),
+     r"TextVQA_0.5.1_val.json: dataset_type is 'test': TextVQA's test split has no public answers"),
+    (_add_unanswered,
+     r"record 3 \(question_id 50000\): no 'answers' field: TextVQA's test split \(TextVQA_0.5.1_test.json\) has no "
+     r"public answers and cannot be scored here; use TextVQA_0.5.1_val.json"),
+    # broken records: the file, the record and what was expected
+    (lambda d: d["data"][1]["answers"].pop(),
+     r"record 1 \(question_id 34603\): field 'answers' holds 9 answers; TextVQA gives every question 10"),
+    (lambda d: d["data"][0]["answers"].__setitem__(4, None),
+     r"record 0 \(question_id 34602\): field 'answers' is .*expected a non-empty list of strings"),
+    (lambda d: d["data"][2].pop("question"), r"record 2 \(question_id 34604\): missing field 'question'"),
+    (lambda d: d["data"][0].update(image_id="../0054c91397f2fe05"),
+     r"record 0 \(question_id 34602\): field 'image_id' is '../0054c91397f2fe05', expected an image id"),
+    (lambda d: d["data"][0].update(image_id=12), r"field 'image_id' is 12, expected a string"),
+    (lambda d: d["data"][2].update(question_id=34602), r"record 2: question_id '34602' appears more than once"),
+])
+def test_textvqa_errors_name_file_record_and_what_is_expected(edit, message, tmp_path):
+    path = textvqa_file(tmp_path, edit=edit)
+    with pytest.raises(DatasetFormatError, match=message):
+        load_textvqa(path)
+
+
+def test_textvqa_refuses_a_json_list_and_a_jsonl_file(tmp_path):
+    path = tmp_path / "TextVQA_0.5.1_val.json"
+    path.write_text(json.dumps(TEXTVQA_DATA))
+    with pytest.raises(DatasetFormatError, match=r"not a TextVQA file: found a JSON list, expected a JSON object"):
+        load_textvqa(path)
+    # LLaVA's question file (llava_textvqa_val_v051_ocr.jsonl) is a prompt list, not the annotation file
+    path.write_text('{"question_id": "0054c91397f2fe05", "text": "what brand?"}\n'
+                    '{"question_id": "00685bc495504d61", "text": "what does the can say?"}\n')
+    with pytest.raises(DatasetFormatError, match=re.escape(f"{path}: not valid JSON") +
+                       r".*expected TextVQA annotation file \(e.g. TextVQA_0.5.1_val.json\)"):
+        load_textvqa(path)
+
+
+def test_textvqa_missing_file_folder_or_image(tmp_path):
+    with pytest.raises(FileNotFoundError, match=re.escape(f"TextVQA annotation file (e.g. TextVQA_0.5.1_val.json) "
+                                                          f"not found: {tmp_path / 'absent.json'}")):
+        load_textvqa(tmp_path / "absent.json")
+    path = textvqa_file(tmp_path, images=False)
+    with pytest.raises(FileNotFoundError) as error:
+        load_textvqa(path)
+    assert str(error.value).startswith(f"TextVQA image folder not found: {tmp_path / 'train_images'}; the images "
+                                       "({image_id}.jpg) are read from train_images/ beside the annotation file")
+    assert "images=FOLDER" in str(error.value)
+    with pytest.raises(FileNotFoundError, match=re.escape(f"image folder not found: {tmp_path / 'other'}")):
+        load_textvqa(path, images=tmp_path / "other")
+    textvqa_file(tmp_path)
+    (tmp_path / "train_images" / "00685bc495504d61.jpg").unlink()
+    with pytest.raises(DatasetFormatError) as error:
+        load_textvqa(path)
+    missing = (tmp_path / "train_images" / "00685bc495504d61.jpg").resolve()
+    assert str(error.value).startswith(f"{path}: record 2 (question_id 34604): no image for image_id "
+                                       f"'00685bc495504d61': {missing} not found")
+
+
+# TextVQA's evaluator (LLaVA's llava/eval/m4c_evaluator.py, from MMF) scores the same VQA accuracy: each of the ten
+# answers left out in turn, min(1, matches among the other nine / 3), averaged; prediction and answers normalised.
+@pytest.mark.parametrize("question, prediction, expected", [
+    (0, "Nokia", 0.9),         # 3 matches after case and the period go: 3 subsets keep 2 (2/3), 7 keep 3 (1)
+    (0, "nokia", 0.9),         # as written only 1 answer is "nokia" (0.3): the normalisation matters
+    (0, "Nokia 3310", 1.0),    # 4 matches: every subset keeps 3
+    (0, "unanswerable", 0.9),
+    (1, "23", 0.6),            # "23" and "23.": 2 subsets keep 1 (1/3), 8 keep 2 (2/3)
+    (1, "#23", 1.0),           # 5 "#23": "#" is not removed, so "#23" and "23" differ
+    (1, "Jordan", 0.3),        # 1 match: 9 subsets keep it (1/3), 1 loses it
+    (2, "Coca-Cola.", 0.9),    # "coca cola" = "coca-cola", "Coca Cola", "coca - cola"
+    (2, "COKE", 1.0),
+    (2, "cocacola", 0.3),
+    (2, "sprite", 0.0),
+])
+def test_textvqa_style_vqa_accuracy_by_hand(question, prediction, expected):
+    assert vqa_accuracy(prediction, TEXTVQA_DATA[question]["answers"]) == pytest.approx(expected)
+
+
+def test_textvqa_departures_from_the_m4c_normalisation():
+    """adatoken normalises TextVQA answers as VQAv2's evaluator does; m4c_evaluator first deletes every comma and
+    question mark and splits a possessive 's off (docs/metrics.md). Both sides get the same steps, so scores differ
+    only where two strings differ in just those ways, as here (m4c would score these 0 and 1)."""
+    assert vqa_accuracy("red blue", ["red,blue"] * 10) == 1.0   # the comma becomes a space here, m4c deletes it
+    assert vqa_accuracy("mcdonald 's", ["mcdonald's"] * 10) == 0.0  # m4c makes both "mcdonald 's"
+
+
+def test_textvqa_records_are_scored_with_vqa_accuracy(tmp_path):
+    records = load_textvqa(textvqa_file(tmp_path))
+    predictions = {"34602": "Nokia", "34603": "23", "34604": "Coca-Cola."}
+    scores = score_records(records, predictions, ngram=False)  # answer_format "vqa": VQA accuracy without asking
+    assert [s["vqa_accuracy"] for s in scores["samples"]] == pytest.approx([0.9, 0.6, 0.9])
+    assert scores["vqa_accuracy"] == pytest.approx(2.4 / 3)
+    # EM counts a match with any one answer after adatoken's cleaning: all three predictions have one
+    assert scores["em"] == 1.0
+    assert scores["by_type"] is None  # TextVQA has no answer types
+
+
+def test_textvqa_report_shows_vqa_accuracy_without_a_type_table():
+    questions = [(None, q["answers"]) for q in TEXTVQA_DATA]
+    rows, metrics = summarize([SweepConfig("none", None, None)],
+                              {"none": _rows("none", questions, ["Nokia", "23", "Coca-Cola."])}, vqa=True)
+    assert rows[0].vqa_acc.value == pytest.approx(0.8) and rows[0].vqa_acc.n == 3
+    assert rows[0].vqa_by_type == {} and metrics["none"]["by_type"] is None
+    markdown = to_markdown(rows, {"model": "m", "dataset": "textvqa"})
+    assert "| VQA acc % | EM % |" in markdown and "| none | 1 | 0.833 | 0.500 | 80.0 [" in markdown
+    assert "by answer type" not in markdown and "by question type" not in markdown
 
 
 # --- end to end ---------------------------------------------------------------------------------

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-from tokenizers import Tokenizer
+from tokenizers import AddedToken, Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import WhitespaceSplit
 from transformers import (
@@ -23,8 +24,11 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
+    LlavaNextImageProcessor,
+    LlavaNextProcessor,
     LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionImageProcessor,
     LlavaProcessor,
     MistralConfig,
     MistralForCausalLM,
@@ -35,6 +39,7 @@ from transformers import (
     Qwen2ForCausalLM,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
+    Qwen2VLImageProcessor,
     Qwen3Config,
     Qwen3ForCausalLM,
 )
@@ -177,37 +182,125 @@ def flow_sample(model, family: str, seed: int = 0, answer: bool = True) -> FlowS
     return FlowSample(model_inputs(model, family, ids, seed=seed), spatial, query if answer else None)
 
 
-# ----- a local image-text-to-text checkpoint, as `adatoken eval --model hf` loads one -------------------------
-CHAT_TEMPLATE = ("{% for m in messages %}USER: {% for c in m['content'] %}{% if c['type'] == 'image' %}<image> "
-                 "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %} ASSISTANT:")
+# ----- local image-text-to-text checkpoints, as `adatoken eval --model hf` loads them ---------------------------
+# Each family's processor is built offline: a word-level tokenizer holding the family's special tokens at the ids its
+# tiny model uses, the family's image processor sized so that a question image (20 x 24 px) becomes few image tokens,
+# and a chat template in the family's format (written here, not the published one: these tokenizers split on
+# whitespace only, so a newline in a template separates words and is otherwise lost).
+CHECKPOINT_FAMILIES = ["llava", *VISION_FAMILIES]
 WORDS = ["USER:", "ASSISTANT:", "what", "colour", "is", "the", "chair", "red", "blue", "how", "many", "two", "?"]
+LLAVA_TEMPLATE = ("{% for m in messages %}{{ m['role'].upper() }}: {% for c in m['content'] %}"
+                  "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }} {% endif %}{% endfor %}{% endfor %}"
+                  "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+MISTRAL_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}[INST] {% endif %}{% for c in m['content'] %}"
+                    "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
+                    "{% if m['role'] == 'user' %} [/INST]{% else %}</s>{% endif %}{% endfor %}")
 
 
-def tiny_llava_checkpoint(folder):
-    """A random LLaVA-1.5 of the tests' size and a processor for it: a word-level tokenizer whose '<image>' is the
-    model's image token, CLIP preprocessing to 16 px (a 4 x 4 patch grid: 16 image tokens), a chat template."""
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3, **{w: 4 + i for i, w in enumerate(WORDS)}}
-    vocab.update({f"w{i}": i for i in range(len(vocab), IMAGE_TOKEN)}, **{"<image>": IMAGE_TOKEN})
-    assert len(vocab) == VOCAB
+def _qwen_template(image: str, system: bool) -> str:
+    """ChatML, as Qwen2 writes it: every turn between <|im_start|>ROLE and <|im_end|>; Qwen2-VL adds a default
+    system turn."""
+    default = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant."
+               "<|im_end|>\n{% endif %}") if system else ""
+    return (default + "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}"
+            f"{{% if c['type'] == 'image' %}}{image}{{% else %}}{{{{ c['text'] }}}}{{% endif %}}"
+            "{% endfor %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def tiny_checkpoint(family: str, folder) -> None:
+    """A random `family` model (CHECKPOINT_FAMILIES) of the tests' size and its processor, saved in `folder` as
+    `save_pretrained` writes them. Image tokens per 20 x 24 question image: LLaVA-1.5 16 (CLIP at 16 px: 4 x 4
+    patches); LLaVA-NeXT and OneVision 36 (the 16 px base view's 16, then the 16 x 32 tile grid's 4 x 8 features cut
+    back to the image's aspect ratio, 4 x 4, with a newline token closing each row, 4); Qwen2-VL and 2.5-VL 30 (the
+    image kept at its size: 10 x 12 patches of 2 px, merged 2 x 2)."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    if family in ("llava", "llava_next"):
+        llava = dict(patch_size=4, vision_feature_select_strategy="default", num_additional_image_tokens=1)
+        if family == "llava":
+            tokenizer = _tokenizer(["<s>", "</s>", "<pad>"], WORDS, {"<image>": IMAGE_TOKEN})
+            images = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+            processor = LlavaProcessor(image_processor=images, tokenizer=tokenizer, chat_template=LLAVA_TEMPLATE,
+                                       **llava)
+        else:  # LLaVA-NeXT's Mistral prompt ([INST] ... [/INST], the answer ends with </s>)
+            tokenizer = _tokenizer(["<s>", "</s>", "<pad>"], WORDS + ["[INST]", "[/INST]"], {"<image>": IMAGE_TOKEN})
+            images = LlavaNextImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16},
+                                             image_grid_pinpoints=[[16, 32]])
+            processor = LlavaNextProcessor(image_processor=images, tokenizer=tokenizer,
+                                           chat_template=MISTRAL_TEMPLATE, **llava)
+        processor.save_pretrained(folder)
+    elif family in VISION_FAMILIES:
+        chatml = ["<|im_start|>", "<|endoftext|>", "<|im_end|>"]
+        words = WORDS + ["user", "assistant", "system", "You", "are", "a", "helpful", "assistant."]
+        if family == "llava_onevision":  # Qwen2's ChatML with LLaVA's <image>
+            tokenizer = _tokenizer(chatml, words, {"<image>": IMAGE_TOKEN, "<video>": VIDEO_TOKEN})
+            images = LlavaOnevisionImageProcessor(size={"height": 16, "width": 16}, image_grid_pinpoints=[[16, 32]])
+            # a view's tokens: CLIP's 4 x 4 patches and its class token, which the "default" strategy drops
+            _save_processor(folder, "LlavaOnevisionProcessor", images, tokenizer, _qwen_template("<image>\n", False),
+                            num_image_tokens=17, vision_feature_select_strategy="default",
+                            vision_aspect_ratio="anyres_max_9")
+        else:
+            markers = {"<|vision_end|>": VISION_END, "<|vision_start|>": VISION_START, "<|video_pad|>": VIDEO_TOKEN,
+                       "<|image_pad|>": IMAGE_TOKEN}
+            tokenizer = _tokenizer(chatml, words, markers)
+            # the image kept at its size: at least 4 x 4 patches, at most 32 x 32 px (min_pixels / max_pixels)
+            images = Qwen2VLImageProcessor(min_pixels=64, max_pixels=32 * 32, patch_size=2, merge_size=2,
+                                           temporal_patch_size=2)
+            name = "Qwen2VLProcessor" if family == "qwen2_vl" else "Qwen2_5_VLProcessor"
+            _save_processor(folder, name, images, tokenizer,
+                            _qwen_template("<|vision_start|><|image_pad|><|vision_end|>", True))
+    else:
+        raise ValueError(f"no checkpoint for {family!r}; families: {CHECKPOINT_FAMILIES}")
+    build_model(family, "sdpa").save_pretrained(folder)
+
+
+def tiny_llava_checkpoint(folder) -> None:
+    """The LLaVA-1.5 checkpoint (tiny_checkpoint("llava", folder)), which the README evaluates."""
+    tiny_checkpoint("llava", folder)
+
+
+def _tokenizer(specials: list[str], words: list[str], markers: dict[str, int]) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over the tiny vocabulary: <unk> 0, then `specials` (beginning, end of text or turn,
+    padding), `words`, filler words, and the multimodal `markers` at the ids the tiny models expect."""
+    vocab = {"<unk>": 0, **{token: 1 + i for i, token in enumerate(specials)}}
+    vocab.update({word: len(vocab) + i for i, word in enumerate(words)})
+    vocab.update({f"w{i}": i for i in range(len(vocab), min(markers.values()))}, **markers)
+    assert len(vocab) == VOCAB and sorted(vocab.values()) == list(range(VOCAB))
     backend = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                        pad_token="<pad>", extra_special_tokens={"image_token": "<image>"})
-    images = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
-    processor = LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=4,
-                               vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE,
-                               num_additional_image_tokens=1)
-    build_model("llava", "sdpa").save_pretrained(folder)
-    processor.save_pretrained(folder)
+    if specials[0] == "<s>":  # LLaMA / Mistral: <s> text </s>, padded with <pad>
+        roles = dict(bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    else:  # Qwen2: no beginning token, <|im_end|> ends a turn, <|endoftext|> pads
+        roles = dict(eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    names = {"<image>": "image_token", "<video>": "video_token", "<|image_pad|>": "image_token",
+             "<|video_pad|>": "video_token", "<|vision_start|>": "vision_start_token",
+             "<|vision_end|>": "vision_end_token"}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", **roles,
+                                        extra_special_tokens={names[token]: token for token in markers})
+    # the rest of the specials (<|im_start|>) are special too: whole tokens wherever they stand, skipped in decoding
+    tokenizer.add_tokens([AddedToken(token, special=True) for token in specials], special_tokens=True)
+    return tokenizer
 
 
-def question_file(folder, count: int = 6):
-    """An image-question JSONL (adatoken's format, docs/metrics.md) beside `count` random PNGs; returns its path."""
+def _save_processor(folder, name: str, images, tokenizer, template: str, **options) -> None:
+    """A processor folder for a processor class `name` that also reads videos (LLaVA-OneVision, Qwen2-VL), written
+    part by part: transformers 5 builds every video processor with torchvision, which these machines lack (its PyPI
+    wheels need CUDA's torch), so the processor object cannot exist here to save itself. The image processor goes to
+    preprocessor_config.json (as transformers 4 saved it; 5 reads it still), the tokenizer, chat template and the
+    processor's options beside it; adatoken.eval.hf loads them back."""
+    images.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (Path(folder) / "chat_template.jinja").write_text(template)
+    (Path(folder) / "processor_config.json").write_text(json.dumps({"processor_class": name, **options}, indent=2))
+
+
+def question_file(folder, count: int = 6, questions: Sequence[str] = ("what colour is the chair ?",)):
+    """An image-question JSONL (adatoken's format, docs/metrics.md) beside `count` random PNGs, asking `questions`
+    in turn (prompts of several lengths make left-padded batches); returns its path."""
     rng = np.random.default_rng(0)
     lines = []
     for i in range(count):
         Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
-        lines.append({"question_id": f"q{i}", "image": f"img{i}.png", "question": "what colour is the chair ?",
+        lines.append({"question_id": f"q{i}", "image": f"img{i}.png", "question": questions[i % len(questions)],
                       "answers": ["red"]})
     path = folder / "questions.jsonl"
     path.write_text("\n".join(map(json.dumps, lines)) + "\n")
@@ -217,5 +310,5 @@ def question_file(folder, count: int = 6):
 if __name__ == "__main__":  # python tests/tiny_models.py FOLDER: the checkpoint and questions the README evaluates
     root = Path(sys.argv[1])
     (root / "questions").mkdir(parents=True, exist_ok=True)
-    tiny_llava_checkpoint(root / "tiny-llava")
+    tiny_checkpoint("llava", root / "tiny-llava")
     print(root / "tiny-llava", question_file(root / "questions"))

@@ -64,14 +64,19 @@ LOC_TOKEN_INDEX = -300  # a click prompt <boxes>: one token, replaced one for on
 
 class LlavaLlama3D(LlamaForCausalLM):
     """A small model with LLaVA-3D's interface as its code defines it (llava/model/language_model/llava_llama.py
-    and llava/model/llava_arch.py): `forward` and `generate` take images (RGB views), depths, poses and
-    intrinsics, `generate` refuses inputs_embeds and prepares its inputs itself, and
-    `prepare_inputs_labels_for_multimodal` replaces the image placeholder by the scene's features, strips and
+    and llava/model/llava_arch.py): `forward` and `generate` take images (RGB views), depths, poses,
+    intrinsics and clicks, `generate` refuses inputs_embeds and prepares its inputs itself, and
+    `prepare_inputs_labels_for_multimodal` replaces the image placeholder by the scene's features and each
+    click placeholder (LOC_TOKEN_INDEX, a `<boxes>` in the prompt) by its click's prompt feature, strips and
     re-pads by `config.tokenizer_padding_side`, and returns (None, position_ids, attention_mask,
     past_key_values, inputs_embeds, labels) with None where the caller gave None. The scene path in
     miniature: every pixel back-projected with its depth, intrinsics and camera pose to a 3D point, pooled
     into voxels (so scenes give different numbers of spatial tokens), each voxel's mean colour and centre
-    projected to the hidden size (LLaVA-3D adds a 3D position embedding to 2D patch features)."""
+    projected to the hidden size (LLaVA-3D adds a 3D position embedding to 2D patch features). Clicks are
+    [num_clicks, 3] points (a box's centre) for the whole batch, taken in order by the batch's click
+    placeholders (llava_arch.py:237-241, 276-324), each encoded by a small MLP as LLaVA-3D's PromptEncoder
+    does (multimodal_encoder/video_encoder.py:10-23, position_encodings.py:244-253: Linear, LayerNorm,
+    ReLU, Linear to the hidden size)."""
 
     config_class = LlavaLlamaConfig
     VOXEL = 0.5
@@ -79,6 +84,15 @@ class LlavaLlama3D(LlamaForCausalLM):
     def __init__(self, config):
         super().__init__(config)
         self.voxel_features = torch.nn.Linear(6, config.hidden_size)
+        hidden = config.hidden_size
+        self.prompt_encoder = torch.nn.Sequential(torch.nn.Linear(3, hidden), torch.nn.LayerNorm(hidden),
+                                                  torch.nn.ReLU(), torch.nn.Linear(hidden, hidden))
+
+    def get_prompt_encoder(self):
+        return self.prompt_encoder
+
+    def encode_prompts(self, clicks):
+        return self.get_prompt_encoder()(clicks.to(self.prompt_encoder[0].weight.dtype))  # [num_clicks, hidden]
 
     def encode_rgbd_videos(self, views, depths, poses, intrinsics) -> list[torch.Tensor]:
         scenes = []
@@ -104,16 +118,21 @@ class LlavaLlama3D(LlamaForCausalLM):
         if images is None or input_ids.shape[1] == 1:
             return input_ids, position_ids, attention_mask, past_key_values, None, labels
         features = self.encode_rgbd_videos(images, depths, poses, intrinsics)
+        prompts = self.encode_prompts(images[0].new_zeros((0, 3)) if clicks is None else clicks)
         given_mask, given_positions, given_labels = attention_mask, position_ids, labels
         real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         labels = torch.full_like(input_ids, IGNORE_INDEX) if labels is None else labels
-        rows, row_labels = [], []
+        rows, row_labels, next_image, next_prompt = [], [], 0, 0
         for b in range(len(input_ids)):
             ids, lab = input_ids[b][real[b]], labels[b][real[b]]
             parts, part_labels, start = [], [], 0
-            for at in (ids == PLACEHOLDER).nonzero().flatten().tolist():
-                parts += [self.get_input_embeddings()(ids[start:at].clamp(min=0)), features[b]]
-                part_labels += [lab[start:at], torch.full((len(features[b]),), IGNORE_INDEX)]
+            for at in ((ids == PLACEHOLDER) | (ids == LOC_TOKEN_INDEX)).nonzero().flatten().tolist():
+                if ids[at] == PLACEHOLDER:  # images in batch order, clicks in the order their placeholders come
+                    special, next_image = features[next_image], next_image + 1
+                else:  # one token: the prompt encoder's feature of the next click
+                    special, next_prompt = prompts[next_prompt][None], next_prompt + 1
+                parts += [self.get_input_embeddings()(ids[start:at].clamp(min=0)), special]
+                part_labels += [lab[start:at], torch.full((len(special),), IGNORE_INDEX)]
                 start = at + 1
             parts.append(self.get_input_embeddings()(ids[start:].clamp(min=0)))
             part_labels.append(lab[start:])
@@ -183,13 +202,19 @@ def rgbd_scene(seed: int, views: int = 2, size: int = 12):
 # ----- a LLaVA-3D checkpoint and evaluation folder in miniature, for `adatoken eval --model llava3d` -------------
 WORDS = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
          "detailed, and polite answers to the human's questions. USER: ASSISTANT: what colour is the chair "
-         "how many tables are there where is lamp red blue two one").split()
+         "how many tables are there where is lamp red blue two one The related object located at . Describe in "
+         "detail. a next to brown cabinet corner of room").split()
+# LLaVA-3D's Scan2Cap prompt (llava-3d-scan2cap_val.json's form; docs/fintune_custom_data.md, the README's demo)
+CAPTION_PROMPT = "<video>\nThe related object is located at <boxes>. Describe the object in detail."
+CAPTIONS = ("a red chair next to the table", "a brown cabinet in the corner of the room")
 
 
 def write_llava3d_workspace(root: Path, num_scenes: int = 4) -> Path:
     """root/llava3d-tiny (the stand-in saved with a word-level tokenizer, as LLaVA-3D's builder loads a checkpoint),
-    root/videos/scannet/sceneXXXX_00/scene.pt (llava_package's scene format) and LLaVA-3D-format question and
-    answer files, root/questions.json and root/answers.json. Returns the checkpoint folder."""
+    root/videos/scannet/sceneXXXX_00/scene.pt (llava_package's scene format), LLaVA-3D-format question and
+    answer files, root/questions.json and root/answers.json, and a Scan2Cap file in LLaVA-3D's format,
+    root/scan2cap.json (one object a scene, its box [cx, cy, cz, dx, dy, dz] with centres of 4+ decimals so that
+    LLaVA-3D's rounding of a click to 3 shows). Returns the checkpoint folder."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -205,7 +230,7 @@ def write_llava3d_workspace(root: Path, num_scenes: int = 4) -> Path:
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
                             pad_token="<pad>").save_pretrained(checkpoint)
-    questions, answers = [], []
+    questions, answers, captions = [], [], []
     for i in range(num_scenes):
         scene = root / "videos" / "scannet" / f"scene{i:04d}_00"
         scene.mkdir(parents=True, exist_ok=True)
@@ -213,7 +238,12 @@ def write_llava3d_workspace(root: Path, num_scenes: int = 4) -> Path:
         questions.append({"question_id": f"q{i}", "video": f"scannet/scene{i:04d}_00",
                           "text": ["what colour is the chair", "how many tables are there"][i % 2]})
         answers.append({"question_id": f"q{i}", "text": ["red", "two"][i % 2]})
+        box = [1.23456 + i, -0.54321, 0.0123456, 0.5, 0.6, 0.7]
+        captions.append({"id": f"c{i}", "video": f"scannet/scene{i:04d}_00", "target": {"boxes": [box]},
+                         "conversations": [{"from": "human", "value": CAPTION_PROMPT, "boxes_seq": [[0]]},
+                                           {"from": "gpt", "value": CAPTIONS[i % 2]}]})
     (root / "questions.json").write_text(json.dumps(questions))
+    (root / "scan2cap.json").write_text(json.dumps(captions))
     (root / "answers.json").write_text(json.dumps(answers))
     return checkpoint
 

@@ -4,22 +4,41 @@
     adatoken fit calib/flow.json --retention 0.4            # calib/schedule.json + calib/schedule.png
     adatoken sweep --model tiny-llama --out calib/          # sweep.json + sweep.png (Fig. 2A)
 
+On your own image-text-to-text checkpoint (here the tiny random LLaVA-1.5 that `python tests/tiny_models.py
+/tmp/tiny` writes, run in /tmp/tiny; docs/calibration.md shows the whole output):
+
+    adatoken analyze --model hf --checkpoint tiny-llava --data questions/questions.jsonl --out calib
+    model: /tmp/tiny/tiny-llava, 6 layers, 6 samples
+    layer   S_self  S_cross     F_3D      INF redundant
+        0   0.6376   0.4608   0.6376   2.7162      0.0%
+    ...
+    adatoken fit calib/flow.json --retention 0.4
+    adatoken eval --model hf --checkpoint tiny-llava --dataset jsonl --data questions/questions.jsonl
+        --methods none adatoken3d --retentions 0.4 --schedule calib/schedule.json --out eval   # (one line)
+
 Where the model and its calibration samples come from is decided in one place, `load_source`:
   - `--model testbed`: the embedded 3D scene-QA model (`adatoken.testbed`, its shipped checkpoint)
     on questions of its `calib` split, each with its reference answer appended, so λ is the answer's
     attention as in the paper.
+  - `--model hf --checkpoint DIR --data FILE`: a local image-text-to-text checkpoint with its processor
+    (loaded as `adatoken eval --model hf` loads it) on real image questions in the formats eval reads
+    (`--dataset jsonl`, `vqav2`, `textvqa`). Each sample is one question through the processor's chat
+    template, as eval prompts it, with its reference answer's tokens appended; query_index is the
+    prompt's last token and the spatial tokens are the image tokens (the config's image token id).
   - `--model tiny-llama | tiny-qwen2`: a random-weight model built from a transformers config, with
     synthetic inputs. It checks the pipeline end to end; its numbers say nothing about real models.
   - `--model-path DIR`: a local Hugging Face checkpoint (never downloaded), with the same synthetic
     layout: random system/prompt/answer token ids, and as spatial tokens the embeddings of random
-    vocabulary tokens. For a real calibration, build FlowSamples from real data and call
-    `adatoken.calibration.flow.analyze` from Python.
+    vocabulary tokens. A pipeline check for any decoder, text-only ones included; `--model hf` is
+    the real calibration.
+Options a source would ignore are refused (`_check_source_args`), never dropped silently.
 
 transformers and matplotlib are imported only where needed, so `adatoken --help` stays fast.
 """
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,15 +47,23 @@ from torch import nn
 
 from adatoken.calibration.fit import fit_schedule
 from adatoken.calibration.flow import FlowParams, FlowReport, analyze
-from adatoken.calibration.samples import synthetic_samples
+from adatoken.calibration.samples import answered_sample, synthetic_samples
 from adatoken.calibration.sweep import BUILTIN_METRICS, DROP_RATIOS, RANKINGS, sweep
-from adatoken.cli.common import check_device
+from adatoken.cli.common import check_device, check_positive
 from adatoken.core import models
 from adatoken.core.schedule import MIN_KEEP
 
 SYNTHETIC_MODELS = ("tiny-llama", "tiny-qwen2")
-MODELS = ("testbed", *SYNTHETIC_MODELS)
+QUESTION_MODELS = ("testbed", "hf")  # sources with real questions and reference answers
+MODELS = (*QUESTION_MODELS, *SYNTHETIC_MODELS)
 DTYPES = ("float32", "bfloat16", "float16")
+# the image-question formats `adatoken eval --model hf` reads -> the options naming files each reads beside --data,
+# and whether the option is required (TextVQA's images default to train_images/ beside its file, LLaVA's layout)
+HF_DATASETS = {"jsonl": {}, "vqav2": {"answers": True, "images": True}, "textvqa": {"images": False}}
+HF_ONLY = ("checkpoint", "dataset", "data", "answers", "images")  # options only --model hf reads
+SYNTHETIC_SPATIAL = 256  # spatial tokens per synthetic sample unless --spatial-tokens says otherwise
+# --metric em with --model hf answers as `adatoken eval --model hf` does by default
+EVAL_BATCH, EVAL_MAX_NEW_TOKENS = 16, 8
 
 
 @dataclass
@@ -46,7 +73,8 @@ class Source:
     name: str
     model: nn.Module
     samples: list
-    testbed: object = None  # the TestbedModel around `model`, for --model testbed
+    # builds the em metric (greedy answers to the samples' questions, exact match) where there are questions
+    exact_match: Callable[[], Callable[[nn.Module], float]] | None = None
 
 
 # FlowParams field -> help of its `adatoken analyze` flag (the default comes from FlowParams)
@@ -112,22 +140,37 @@ def register(subparsers) -> None:
                                 "(default: %(default)s)")
     sweep_cmd.add_argument("--metric", choices=(*BUILTIN_METRICS, "em"), default="kl",
                            help="kl: KL of the last next-token distribution to the unpruned one; agreement: same "
-                                "top-1 token; em: exact match of greedy answers to --num-samples calib questions "
-                                "(--model testbed only: QA accuracy, as the paper's Fig. 2A) (default: %(default)s)")
+                                "top-1 token; em: exact match of greedy answers to the --num-samples "
+                                "calibration questions (--model testbed or hf: QA accuracy, as the paper's Fig. 2A) "
+                                "(default: %(default)s)")
     sweep_cmd.set_defaults(func=run_sweep)
 
 
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--model", choices=MODELS, default="testbed",
-                        help="testbed: the trained scene-QA model on its calib split; tiny-*: random weights, "
+                        help="testbed: the trained scene-QA model on its calib split; hf: a local image-text-to-text "
+                             "checkpoint (--checkpoint) on real image questions (--data); tiny-*: random weights, "
                              "synthetic inputs (default: %(default)s)")
-    source.add_argument("--model-path", type=Path, help="a local Hugging Face checkpoint directory (no downloads)")
-    parser.add_argument("--num-samples", type=int, default=8, help="calibration samples (default: %(default)s)")
-    parser.add_argument("--spatial-tokens", type=int, default=256,
-                        help="spatial tokens per synthetic sample; the testbed's scenes fix their own "
-                             "(default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0)
+    source.add_argument("--model-path", type=Path,
+                        help="a local Hugging Face checkpoint directory (no downloads) on synthetic inputs: a "
+                             "pipeline check for any decoder, text-only included; for real questions use --model hf")
+    hf = parser.add_argument_group("--model hf (the image-question formats `adatoken eval --model hf` reads)")
+    hf.add_argument("--checkpoint", type=Path, help="a local folder with the model and its processor")
+    hf.add_argument("--dataset", choices=list(HF_DATASETS), help="question set format (default: jsonl)")
+    hf.add_argument("--data", type=Path, help="the questions: a JSONL of {question_id, image, question, answers}, "
+                                              "VQAv2's questions file or TextVQA's annotation file")
+    hf.add_argument("--answers", type=Path, help="vqav2: the annotations file")
+    hf.add_argument("--images", type=Path, help="vqav2: the folder of COCO images; textvqa: the folder of "
+                                                "<image_id>.jpg (default: train_images beside --data)")
+    parser.add_argument("--num-samples", type=int, default=8,
+                        help="calibration samples; with --model hf, the first N questions of a --seed shuffle, as "
+                             "`adatoken eval --limit N` draws them (default: %(default)s)")
+    parser.add_argument("--spatial-tokens", type=int,
+                        help=f"spatial tokens per synthetic sample (default: {SYNTHETIC_SPATIAL}); the testbed's "
+                             "scenes and hf's images fix their own")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic inputs or of the question shuffle "
+                                                            "(default: %(default)s)")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", choices=DTYPES, default="float32")
     parser.add_argument("--attn", choices=("sdpa", "eager"), default="sdpa", help="attention implementation")
@@ -138,10 +181,13 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
 # ----- model and samples ---------------------------------------------------------------------------
 def load_source(args) -> Source:
     """The model and calibration samples the command line asks for."""
+    _check_source_args(args)
     dtype = getattr(torch, args.dtype)
     device = str(check_device(args.device)) if args.device else ("cuda" if torch.cuda.is_available() else "cpu")
     if args.model_path is None and args.model == "testbed":
         return _testbed_source(args.num_samples, device, dtype)
+    if args.model_path is None and args.model == "hf":
+        return _hf_source(args, device, dtype)
     if args.model_path is not None:
         if not args.model_path.is_dir():
             raise ValueError(f"--model-path must be a local checkpoint directory, got {args.model_path}")
@@ -151,16 +197,90 @@ def load_source(args) -> Source:
         model = models.build(args.model, args.attn).to(dtype)
         name = args.model
     model = model.to(device).eval()
-    return Source(name, model, synthetic_samples(model, args.num_samples, args.spatial_tokens, args.seed))
+    spatial = SYNTHETIC_SPATIAL if getattr(args, "spatial_tokens", None) is None else args.spatial_tokens
+    return Source(name, model, synthetic_samples(model, args.num_samples, spatial, args.seed))
+
+
+def _check_source_args(args) -> None:
+    """Refuse options the chosen source would ignore, and a --model hf without its files, before any loading."""
+    check_positive(args, "num_samples")
+    hf = args.model_path is None and args.model == "hf"
+    given = [f"--{name}" for name in HF_ONLY if getattr(args, name, None) is not None]
+    if given and not hf:
+        raise ValueError(f"{', '.join(given)}: only for --model hf (a local image-text-to-text checkpoint on real "
+                         "image questions); for synthetic inputs on a local checkpoint use --model-path DIR")
+    if hf:
+        args.dataset = args.dataset or "jsonl"
+        if args.checkpoint is None or args.data is None:
+            raise ValueError("--model hf calibrates a local checkpoint on real image questions: pass --checkpoint "
+                             "PATH (the model and its processor) and --data QUESTIONS.jsonl (one {question_id, image, "
+                             "question, answers} a line), or --dataset vqav2 --data QUESTIONS.json --answers "
+                             "ANNOTATIONS.json --images FOLDER, or --dataset textvqa --data TextVQA_0.5.1_val.json "
+                             "[--images FOLDER]")
+        reads = HF_DATASETS[args.dataset]
+        stray = [f"--{name}" for name in ("answers", "images") if getattr(args, name) is not None and name not in reads]
+        if stray:
+            raise ValueError(f"{', '.join(stray)}: not read by --dataset {args.dataset}"
+                             + (", whose records name each image and its answers" if not reads else ""))
+        missing = [f"--{name}" for name, required in reads.items() if required and getattr(args, name) is None]
+        if missing:
+            raise ValueError(f"--dataset {args.dataset} needs {' and '.join(missing)} beside --data")
+    if getattr(args, "spatial_tokens", None) is not None and args.model_path is None and args.model in QUESTION_MODELS:
+        raise ValueError(f"--spatial-tokens sets synthetic inputs only: --model {args.model}'s "
+                         f"{'images' if hf else 'scenes'} fix how many spatial tokens there are")
 
 
 def _testbed_source(count: int, device: str, dtype: torch.dtype) -> Source:
     """The shipped testbed LLM and `count` questions of its calib split (adatoken.testbed.calibration)."""
     from adatoken import testbed
-    from adatoken.testbed.calibration import flow_samples
+    from adatoken.testbed.calibration import answer_metric, flow_samples
 
     model = testbed.load().to(device=device, dtype=dtype)
-    return Source("testbed", model.llm, flow_samples(model, count), testbed=model)
+    return Source("testbed", model.llm, flow_samples(model, count), exact_match=lambda: answer_metric(model, count))
+
+
+def _hf_source(args, device: str, dtype: torch.dtype) -> Source:
+    """A local image-text-to-text checkpoint and --num-samples of the --data questions (those `adatoken eval`
+    would draw with --limit and --seed), each through the checkpoint's processor and chat template as eval
+    prompts it (adatoken.eval.hf.chat_inputs), with its reference answer appended (samples.answered_sample)."""
+    from adatoken.core import adapters
+    from adatoken.eval.datasets import load_dataset
+    from adatoken.eval.hf import chat_inputs, load_model_and_processor
+    from adatoken.eval.runner import select_subset
+
+    model, processor, path = load_model_and_processor(args.checkpoint, torch.device(device), "--checkpoint")
+    model = model.to(dtype)
+    model.set_attn_implementation(args.attn)
+    spatial_ids = adapters.resolve(model).spatial_token_ids  # never empty: the loader refuses other families
+    options = {name: getattr(args, name) for name in HF_DATASETS[args.dataset]}
+    records = select_subset(load_dataset(args.dataset, args.data, **options), args.num_samples, args.seed)
+    samples = []
+    for record in records:
+        # VQAv2's consensus answer where the loader kept it (its ten human answers come in no particular order)
+        reference = record.extra.get("multiple_choice_answer", record.answers[0])
+        answer_ids = processor.tokenizer(reference, add_special_tokens=False)["input_ids"]
+        prompt = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else None)
+                  for k, v in chat_inputs(processor, [record]).items()}
+        samples.append(answered_sample(prompt, answer_ids, spatial_ids, f"question {record.question_id!r}"))
+    return Source(str(path), model, samples,
+                  exact_match=lambda: _hf_answer_metric(model, processor, records, torch.device(device)))
+
+
+def _hf_answer_metric(model, processor, records: list, device: torch.device):
+    """metric(model) -> exact match of the checkpoint's greedy answers (as `adatoken eval` makes them) to the
+    calibration questions' references, for `calibration.sweep.sweep(metric=...)`."""
+    from adatoken.eval.hf import HFAnswerer
+    from adatoken.eval.metrics import exact_match
+
+    answerer = HFAnswerer(model, processor, device)
+
+    def em(pruned) -> float:  # `pruned` is `model`, pruned by the sweep in place
+        batches = [records[i:i + EVAL_BATCH] for i in range(0, len(records), EVAL_BATCH)]
+        answers = [a for batch in batches for a in answerer.answer(batch, max_new_tokens=EVAL_MAX_NEW_TOKENS)]
+        return sum(exact_match(a, r.answers) for a, r in zip(answers, records)) / len(records)
+
+    em.label, em.higher_is_better = f"exact match on {len(records)} questions", True
+    return em
 
 
 # ----- commands ------------------------------------------------------------------------------------
@@ -208,14 +328,11 @@ def run_fit(args) -> int:
 def run_sweep(args) -> int:
     from adatoken.calibration import plots
 
+    if args.metric == "em" and (args.model_path is not None or args.model not in QUESTION_MODELS):
+        raise ValueError("--metric em scores answers to real questions: use it with --model testbed or --model hf; "
+                         "synthetic inputs have no reference answers (use kl or agreement)")
     source = load_source(args)
-    metric = args.metric
-    if metric == "em":
-        if args.model != "testbed" or args.model_path is not None:
-            raise ValueError("--metric em answers testbed questions: use it with --model testbed")
-        from adatoken.testbed.calibration import answer_metric
-
-        metric = answer_metric(source.testbed, args.num_samples)
+    metric = source.exact_match() if args.metric == "em" else args.metric
     result = sweep(source.model, source.samples, metric=metric, layers=args.layers,
                    drop_ratios=args.drop_ratios, ranking=args.ranking, progress=not args.quiet)
     args.out.mkdir(parents=True, exist_ok=True)

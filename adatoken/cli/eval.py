@@ -21,6 +21,7 @@ import adatoken.eval.llava3d  # registers --model llava3d: LLaVA-3D checkpoints 
 import adatoken.testbed  # noqa: F401  (registers the testbed's model and question set)
 from adatoken.cli.common import check_device, reproducing_command
 from adatoken.core import adapters
+from adatoken.eval import metrics as eval_metrics
 from adatoken.eval.datasets import LOADERS, QARecord, load_dataset
 from adatoken.eval.report import summarize, write_report
 from adatoken.eval.runner import ANSWERERS, default_methods, evaluate, load_schedules, select_subset, sweep_configs
@@ -43,7 +44,8 @@ def register(subparsers) -> None:
     what.add_argument("--data", help="dataset file or folder (default for testbed: the model's checkpoint settings)")
     what.add_argument("--answers", help="llava3d: the answers file; vqav2: the annotations file "
                                         "(e.g. v2_mscoco_val2014_annotations.json)")
-    what.add_argument("--images", help="vqav2 only: the folder of COCO images (COCO_val2014_<12-digit id>.jpg ...)")
+    what.add_argument("--images", help="vqav2: the folder of COCO images (COCO_val2014_<12-digit id>.jpg ...); "
+                                       "textvqa: the folder of <image_id>.jpg (default: train_images beside --data)")
     what.add_argument("--split", default="test", help="split, for testbed and sqa3d (default: test)")
     what.add_argument("--scenes", type=int, help="testbed only: use the first N scenes of the split")
     what.add_argument("--limit", type=int, help="evaluate a fixed subset: the first N questions of a seeded shuffle")
@@ -69,6 +71,10 @@ def register(subparsers) -> None:
     llava3d.add_argument("--conv-mode", help="LLaVA-3D conversation template (default: llava_v1)")
     llava3d.add_argument("--greedy", action="store_true",
                          help="decode greedily instead of LLaVA-3D's sampling at temperature 0.2")
+    hf = parser.add_argument_group("hf only")
+    hf.add_argument("--prompt-suffix", metavar="TEXT",
+                    help="appended to every question on a new line, as some published evaluations prompt "
+                         "(LLaVA-1.5 on VQAv2: 'Answer the question using a single word or phrase.'; docs/families.md)")
     sweep.add_argument("--device", default="auto",
                        help="auto (this rank's GPU if there is one, else cpu), cpu, cuda:0, ...")
     output = parser.add_argument_group("output")
@@ -90,6 +96,11 @@ def run(args) -> int:
     args.max_new_tokens = args.max_new_tokens or getattr(answerer, "max_new_tokens", 8)
     records = _questions(args, checkpoint)
     subset = select_subset(records, args.limit, args.seed)
+    if args.ngram or any(r.qtype == "captioning" for r in subset):
+        try:  # n-gram scores come after every answer is generated: fail before, not after
+            eval_metrics.require_pycocoevalcap()
+        except ImportError as exc:
+            raise ValueError(f"captioning and --ngram scores need pycocoevalcap: {exc}") from None
     num_layers = adapters.resolve(answerer.llm).num_layers
     budget, values = ("final_keep", args.final_keeps) if args.final_keeps else ("retention", args.retentions)
     schedules = load_schedules(args.schedule, budget) if args.schedule else None
@@ -102,10 +113,10 @@ def run(args) -> int:
                            max_new_tokens=args.max_new_tokens, fresh=args.fresh, progress=not args.no_progress)
     if predictions is None:  # not rank 0: rank 0 writes the report
         return 0
-    rows, metrics = summarize(configs, predictions, ngram=args.ngram, vqa=args.dataset == "vqav2")
+    rows, metrics = summarize(configs, predictions, ngram=args.ngram, vqa=args.dataset in ("vqav2", "textvqa"))
     context = {
         "model": f"{args.model} ({num_layers} decoder layers)", "checkpoint": str(checkpoint),
-        "dataset": f"{args.dataset} {args.split}" if args.dataset in ("testbed", "sqa3d") else args.dataset,
+        "dataset": f"{args.dataset} {args.split}" if args.dataset in (*TESTBED_SETS, "sqa3d") else args.dataset,
         "num_questions": len(subset),
         "subset": f"first {args.limit} of a shuffle with seed {args.seed}" if args.limit else "all",
         "decoding": f"{getattr(answerer, 'decoding', 'greedy')}, at most {args.max_new_tokens} new tokens, "
@@ -128,17 +139,25 @@ def _device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
+# the testbed's question sets: its QA questions, and its 3D grounding and dense captioning (Table I) questions
+HF_SETS = ("jsonl", "vqav2", "textvqa")  # image question sets, what --model hf answers
+TESTBED_SETS = ("testbed", "testbed-grounding", "testbed-captioning")
 LLAVA3D_OPTIONS = {"video_folder": "--video-folder", "conv_mode": "--conv-mode", "greedy": "--greedy"}
+HF_OPTIONS = {"prompt_suffix": "--prompt-suffix"}
 
 
 def _model_options(args) -> dict:
-    """The options of --model llava3d that were given (the answerer's defaults stand for the rest)."""
-    given = {name: getattr(args, name) for name in LLAVA3D_OPTIONS if getattr(args, name) not in (None, False)}
-    if given and args.model != "llava3d":
-        flags = ", ".join(LLAVA3D_OPTIONS[name] for name in given)
-        raise ValueError(f"{flags} apply to --model llava3d only (--model {args.model} decodes greedily with its own "
-                         "prompt format)")
-    return given
+    """The options of this --model that were given (the answerer's defaults stand for the rest); another model's
+    options are refused."""
+    own = {}
+    for model, options in (("llava3d", LLAVA3D_OPTIONS), ("hf", HF_OPTIONS)):
+        given = {name: getattr(args, name) for name in options if getattr(args, name) not in (None, False)}
+        if given and args.model != model:
+            flags = ", ".join(options[name] for name in given)
+            raise ValueError(f"{flags} apply to --model {model} only (--model {args.model} has its own prompt "
+                             "format and decoding)")
+        own.update(given)
+    return own
 
 
 def _check_args(args) -> None:
@@ -147,31 +166,36 @@ def _check_args(args) -> None:
         raise ValueError("pass --retentions or --final-keeps, not both: they are two readings of one budget")
     if not args.final_keeps:
         args.retentions = args.retentions or DEFAULT_RETENTIONS
-    if args.model == "hf" and (args.checkpoint is None or args.dataset not in ("jsonl", "vqav2")):
+    if args.model == "hf" and (args.checkpoint is None or args.dataset not in HF_SETS):
         raise ValueError("--model hf answers image questions from a local checkpoint: pass --checkpoint PATH and "
                          "--dataset jsonl --data QUESTIONS.jsonl (one {question_id, image, question, answers} a line) "
-                         "or --dataset vqav2 --data QUESTIONS.json --answers ANNOTATIONS.json --images FOLDER")
-    if args.model == "llava3d" and args.dataset not in ("scanqa", "sqa3d", "llava3d"):
-        raise ValueError(f"--model llava3d answers scene questions: --dataset scanqa, sqa3d or llava3d, not "
-                         f"{args.dataset}")
-    if args.model == "testbed" and args.dataset != "testbed":
+                         "or --dataset vqav2 --data QUESTIONS.json --answers ANNOTATIONS.json --images FOLDER "
+                         "or --dataset textvqa --data TextVQA_0.5.1_val.json [--images FOLDER]")
+    if args.model == "llava3d" and args.dataset not in ("scanqa", "sqa3d", "llava3d", "llava3d-scan2cap"):
+        grounding = ("; ScanRefer grounding is not evaluable: LLaVA-3D's released code (ZCMax/LLaVA-3D @ 91d979dc) "
+                     "has no grounding output and no grounding evaluation script (its grounding decoder and <LOC> "
+                     "token are unreleased, docs/fintune_custom_data.md)") if args.dataset == "scanrefer" else ""
+        raise ValueError("--model llava3d runs LLaVA-3D's own evaluations: --dataset scanqa, sqa3d or llava3d "
+                         f"(question answering) or llava3d-scan2cap (dense captioning), not {args.dataset}{grounding}")
+    if args.model == "testbed" and args.dataset not in TESTBED_SETS:
         raise ValueError(f"the testbed model answers only testbed questions, not --dataset {args.dataset}; "
-                         "use --dataset testbed")
+                         f"use --dataset {', '.join(TESTBED_SETS)}")
     if args.answers is not None and args.dataset not in ("llava3d", "vqav2"):
         raise ValueError(f"--answers applies to --dataset llava3d and vqav2 only; --dataset {args.dataset} reads its "
                          "answers from --data")
-    if args.images is not None and args.dataset != "vqav2":
-        raise ValueError(f"--images applies to --dataset vqav2 only; --dataset {args.dataset} names each image "
-                         "in its records")
-    if args.dataset != "testbed" and args.scenes is not None:
-        raise ValueError("--scenes applies to --dataset testbed only; use --limit to evaluate a subset")
-    if args.dataset != "testbed" and args.data is None:
+    if args.images is not None and args.dataset not in ("vqav2", "textvqa"):
+        raise ValueError(f"--images applies to --dataset vqav2 and textvqa only; --dataset {args.dataset} names "
+                         "each image in its records")
+    if args.dataset not in TESTBED_SETS and args.scenes is not None:
+        raise ValueError("--scenes applies to the testbed's question sets only; use --limit to evaluate a subset")
+    if args.dataset not in TESTBED_SETS and args.data is None:
         raise ValueError(f"--dataset {args.dataset} reads files: pass --data PATH")
 
 
 def _questions(args, checkpoint: Path) -> list[QARecord]:
-    if args.dataset == "testbed":
-        return load_dataset("testbed", args.data or checkpoint, split=args.split, num_scenes=args.scenes)
+    if args.dataset in TESTBED_SETS:
+        return load_dataset(args.dataset, args.data or checkpoint, split=args.split, num_scenes=args.scenes)
     options = {"sqa3d": {"split": args.split}, "llava3d": {"answers": args.answers},
-               "vqav2": {"answers": args.answers, "images": args.images}}.get(args.dataset, {})
+               "vqav2": {"answers": args.answers, "images": args.images},
+               "textvqa": {"images": args.images}}.get(args.dataset, {})
     return load_dataset(args.dataset, args.data, **options)

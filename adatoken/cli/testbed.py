@@ -37,6 +37,18 @@ def register(subparsers) -> None:
     train.add_argument("--grow-from", default=None, metavar="CHECKPOINT",
                        help="grow a trained testbed in depth instead of training from scratch: its model folder "
                             "(see train.grow_in_depth); give the new depth with --layers")
+    train.add_argument("--finetune-from", default=None, metavar="CHECKPOINT",
+                       help="fine-tune a trained testbed at its own depth and settings (its model folder); new words "
+                            "(grounding, captioning) are added to its vocabulary (see train.extend_vocabulary)")
+    train.add_argument("--grounding-turns", type=int, default=None,
+                       help="3D grounding turns per dialogue: 'Where is the ...?' answered with a box "
+                            "(adatoken/testbed/referring.py; default: recipe's, 0)")
+    train.add_argument("--captioning-turns", type=int, default=None,
+                       help="object captioning turns per dialogue: 'Describe the object at x y z.' "
+                            "(default: recipe's, 0)")
+    train.add_argument("--grounding-layers", type=int, nargs=2, default=None, metavar=("WORD", "ANSWER"),
+                       help="hidden_states indices the two grounding heads read (default: recipe's, 1 4; a grown "
+                            "model moves them with its layers)")
     train.add_argument("--half-weights", action="store_true",
                        help="store the LLM's weights as float16 (they load as float32): half the size")
     train.add_argument("--layers", type=int, default=None, help="decoder layers (default: recipe's)")
@@ -84,12 +96,25 @@ def _train(args: argparse.Namespace) -> int:
 
     for name in ("steps", "batch_size", "per_type", "geometry_per_type", "threads", "layers"):
         _positive("--" + name.replace("_", "-"), getattr(args, name))
+    for name in ("grounding_turns", "captioning_turns"):
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.grounding is not None and args.grounding < 0:
         raise SystemExit(f"error: --grounding must be >= 0, got {args.grounding}")
     overrides = {k: getattr(args, k) for k in ("steps", "batch_size", "per_type", "geometry_per_type", "lr",
-                                               "grounding", "checkpoint_every", "eval_every", "warmup", "grow_from")
+                                               "grounding", "checkpoint_every", "eval_every", "warmup", "grow_from",
+                                               "finetune_from", "grounding_turns", "captioning_turns")
                  if getattr(args, k) is not None}
-    if args.layers is not None:
+    if args.grounding_layers is not None:
+        overrides["grounding_layers"] = tuple(args.grounding_layers)
+    if args.finetune_from is not None:  # the checkpoint's own settings: fine-tuning changes weights only
+        from adatoken.testbed.model import load_settings
+
+        if args.layers is not None:
+            raise SystemExit("error: --finetune-from keeps the checkpoint's depth; --layers applies to training from "
+                             "scratch or --grow-from")
+        overrides["model"], overrides["spatial"] = load_settings(args.finetune_from)
+    elif args.layers is not None:
         overrides["model"] = dataclasses.replace(TrainConfig().model, num_layers=args.layers)
     cfg = TrainConfig(**overrides, out=args.out, seed=args.seed, threads=args.threads, export=args.export,
                       export_half=args.half_weights)

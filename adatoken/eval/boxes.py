@@ -80,6 +80,12 @@ def parse_box(text: str) -> list[float] | None:
     return [float(x) for x in found[-1]] if found else None
 
 
+def without_boxes(text: str) -> str:
+    """`text` with every "[cx, cy, cz, dx, dy, dz]" removed: a caption's stated box is scored as a box, not as
+    words (LLaVA-3D's captioning answers may state the object's box)."""
+    return " ".join(_BOX_TEXT.sub(" ", text).split())
+
+
 def grounding_scores(predicted: Sequence, truth: Sequence, subsets: Sequence[str] | None = None,
                      thresholds: Sequence[float] = THRESHOLDS) -> dict:
     """Acc@k for every threshold k, overall and per subset (e.g. "unique"/"multiple"): the share of expressions

@@ -2,9 +2,9 @@
 
 Formats read: ScanQA's ScanQA_v1.0_{split}.json, SQA3D's balanced questions + annotations files,
 LLaVA-3D's evaluation question/answer files, VQAv2's questions + annotations files with a folder of
-COCO images, and a plain JSONL. Nothing is ever downloaded: every
-loader reads the files it is given, and a missing file, field or malformed record raises an error
-that names the file, the record and what was expected.
+COCO images, TextVQA's TextVQA_0.5.1_{train,val}.json with its train_images folder, and a plain JSONL.
+Nothing is ever downloaded: every loader reads the files it is given, and a missing file, field or
+malformed record raises an error that names the file, the record and what was expected.
 """
 from __future__ import annotations
 
@@ -439,6 +439,82 @@ class _CocoImages:
         return self._listing
 
 
+# --- TextVQA -------------------------------------------------------------------------------
+TEXTVQA_NAME = "textvqa"  # the official files' dataset_name
+# LLaVA's layout (haotian-liu/LLaVA docs/Evaluation.md, scripts/v1_5/eval/textvqa.sh): the annotation file and
+# the unpacked train_val_images.zip side by side, playground/data/eval/textvqa/{TextVQA_0.5.1_val.json,train_images}.
+TEXTVQA_IMAGES = "train_images"
+TEXTVQA_IMAGES_HINT = (f"the images ({{image_id}}.jpg) are read from {TEXTVQA_IMAGES}/ beside the annotation file "
+                       f"(train_val_images.zip unpacks to {TEXTVQA_IMAGES}/, which holds the train and the val "
+                       "images), or from the folder passed as images=FOLDER")
+TEXTVQA_FILE = "TextVQA annotation file (e.g. TextVQA_0.5.1_val.json)"
+
+
+def load_textvqa(path: str | Path, images: str | Path | None = None) -> list[QARecord]:
+    """TextVQA in the official format: TextVQA_0.5.1_{train,val}.json, {"dataset_type": "val", "dataset_name":
+    "textvqa", "dataset_version", "data": [{question_id, question, image_id, answers: [str] x 10, image_classes,
+    image_width, image_height, flickr_original_url, flickr_300k_url, question_tokens, set_name}]}, and the
+    images `{image_id}.jpg` in `images=` (default: train_images/ beside the file, LLaVA's layout).
+
+    Records follow the file. answers are the ten human answers as written; qtype is None (TextVQA has no answer
+    types); extra["image"] is the image's resolved path and extra["answer_format"] "vqa", which makes
+    score_records add VQA accuracy, TextVQA's metric. The test split has no answers and is refused.
+    """
+    path = Path(path)
+    data = _read_json(path, TEXTVQA_FILE)
+    rows = _textvqa_rows(path, data)
+    folder = Path(images) if images is not None else path.parent / TEXTVQA_IMAGES
+    if not folder.is_dir():
+        raise FileNotFoundError(f"TextVQA image folder not found: {folder}; {TEXTVQA_IMAGES_HINT}")
+    folder = folder.resolve()
+
+    def build(r: _Record) -> QARecord:
+        if not r.has("answers"):
+            # The test split's records carry no answers (they are scored on EvalAI only): nothing to score here.
+            r.fail("no 'answers' field: TextVQA's test split (TextVQA_0.5.1_test.json) has no public answers and "
+                   "cannot be scored here; use TextVQA_0.5.1_val.json (or the train file)")
+        answers = r.answers()
+        if len(answers) != VQA_NUM_ANSWERS:
+            # VQA accuracy leaves each answer out in turn and needs three matches among the rest: defined on ten
+            r.fail(f"field 'answers' holds {len(answers)} answers; TextVQA gives every question {VQA_NUM_ANSWERS} "
+                   "human answers, and VQA accuracy is defined over those ten")
+        image_id = r.text("image_id")
+        # the id names the file {image_id}.jpg in the folder; a path separator would point outside it
+        if not image_id or Path(image_id).name != image_id:
+            r.fail(f"field 'image_id' is {image_id!r}, expected an image id such as '0054c91397f2fe05' "
+                   "(the image is {image_id}.jpg)")
+        image = folder / f"{image_id}.jpg"
+        if not image.is_file():
+            r.fail(f"no image for image_id {image_id!r}: {image} not found; {TEXTVQA_IMAGES_HINT}")
+        return QARecord(
+            question_id=r.question_id(), scene_id=None, question=r.text("question"), answers=answers,
+            extra={"image": str(image), "image_id": image_id, "answer_format": "vqa",
+                   **{key: r.data[key] for key in ("image_classes", "set_name") if r.has(key)}},
+        )
+
+    return _records(path, rows, build)
+
+
+def _textvqa_rows(path: Path, data: object) -> list[tuple[str, object]]:
+    """The (location, record) rows of a parsed TextVQA file, after checking that it is one: an object with a
+    'data' list whose dataset_name (when the file names one) is textvqa and whose dataset_type is not test."""
+    expected = f'a JSON object {{"dataset_name": "{TEXTVQA_NAME}", "data": [...]}}, as in TextVQA_0.5.1_val.json'
+    if not isinstance(data, dict):
+        raise DatasetFormatError(f"{path}: not a TextVQA file: found a JSON {type(data).__name__}, expected {expected}")
+    if not isinstance(data.get("data"), list):
+        found = "a 'data' of type " + type(data["data"]).__name__ if "data" in data else "no 'data' list"
+        raise DatasetFormatError(f"{path}: not a TextVQA file: found {found} (top-level fields: "
+                                 f"{', '.join(sorted(data)) or 'none'}), expected {expected}")
+    name = data.get("dataset_name")
+    # TextCaps files share this layout; their dataset_name tells them apart
+    if name is not None and name != TEXTVQA_NAME:
+        raise DatasetFormatError(f"{path}: not a TextVQA file: dataset_name is {name!r}, expected {TEXTVQA_NAME!r}")
+    if data.get("dataset_type") == "test":
+        raise DatasetFormatError(f"{path}: dataset_type is 'test': TextVQA's test split has no public answers and "
+                                 "cannot be scored here; use TextVQA_0.5.1_val.json (or the train file)")
+    return [(f"record {i}", record) for i, record in enumerate(data["data"])]
+
+
 def _scanrefer_rows(path: Path, boxes: str | Path | None) -> list[tuple[_Record, list]]:
     """ScanRefer-format records (scene_id, object_id, object_name, ann_id, description) with each one's box:
     inline as "bbox" (8 corners, the benchmark files) or "box" (6 numbers), or from `boxes`, a JSON object
@@ -542,6 +618,7 @@ LOADERS: dict[str, Callable[..., list[QARecord]]] = {
     "scan2cap": load_scan2cap,
     "llava3d-scan2cap": load_llava3d_scan2cap,
     "vqav2": load_vqav2,
+    "textvqa": load_textvqa,
 }  # the testbed adds "testbed" when imported (adatoken.testbed.answerer)
 
 

@@ -1,5 +1,6 @@
 """`adatoken eval --model llava3d --checkpoint PATH`: a LLaVA-3D checkpoint answering ScanQA, SQA3D or LLaVA-3D's own
-question files through the user's installed LLaVA-3D package (ZCMax/LLaVA-3D; we never import it elsewhere).
+question files, or captioning the objects of LLaVA-3D's Scan2Cap file (`--dataset llava3d-scan2cap`), through the
+user's installed LLaVA-3D package (ZCMax/LLaVA-3D; we never import it elsewhere).
 
 Everything is done as its evaluation scripts do it (llava/eval/model_scanqa.py and model_sqa3d.py @ 91d979dc,
 the two are identical): the checkpoint loads with `llava.model.builder.load_pretrained_model` (:171, bfloat16), the
@@ -9,13 +10,22 @@ prompt is the `llava_v1` conversation with the image token before the question (
 model's dtype (:69-72), and `generate` samples with temperature 0.2, top_p None, one beam (:75-88, their
 defaults :112-114), at most 512 new tokens; the answer is the decoded output, stripped (:90).
 
+Dense captioning is prompted as its llava/eval/model_scan2cap.py does (@ 91d979dc): the record's question as
+written in the file, its `<video>` replaced by the image token with nothing prepended (:47-54), the object's box
+given as a `<boxes>` placeholder whose click is the box's centre rounded to 3 decimals (:57-69), the prompt
+tokenised by `tokenizer_special_token` (image and box placeholders, :78), and `generate(..., clicks=)` (:95-109;
+the clicks cast like the scene, :88-92). A batch's clicks are one [num_clicks, 3] tensor in the order of its
+`<boxes>` placeholders, as LLaVA-3D's input preparation takes them (llava/model/llava_arch.py:237-241,
+290-324) and its training collator builds them (llava/train/train.py:911-916).
+
 Sampling makes one run differ from the next, so each batch is seeded from its first question id (frame sampling
 included): every method sees the same draws, and a rerun gives the same answers. `greedy=True` decodes greedily.
 Scenes: a LLaVA-3D question file names each scene's folder (`video`, e.g. scannet/scene0011_00); ScanQA and
 SQA3D files name the scene id, read as `scannet/{scene_id}` as LLaVA-3D lays its data out. The prompt is the
 record's text: LLaVA-3D's own files (`--dataset llava3d`) hold the exact prompts its published numbers used.
 
-Pruning needs nothing more: `adatoken.prune` finds the scene's tokens in LLaVA-3D's own input preparation.
+Pruning needs nothing more: `adatoken.prune` finds the scene's tokens in LLaVA-3D's own input preparation (a
+click's placeholder becomes one token there, never pruned).
 """
 from __future__ import annotations
 
@@ -76,6 +86,21 @@ class LLaVA3DAnswerer:
         return self.llava["mm_utils"].tokenizer_image_token(conv.get_prompt(), self.tokenizer,
                                                             constants.IMAGE_TOKEN_INDEX, return_tensors="pt")
 
+    def _caption_input_ids(self, record: QARecord) -> tuple[torch.Tensor, list[list[float]]]:
+        """A dense captioning prompt as model_scan2cap.py builds it (:47-78), and the click of its `<boxes>`."""
+        constants = self.llava["constants"]
+        question = record.question.replace(constants.DEFAULT_VIDEO_TOKEN, constants.DEFAULT_IMAGE_TOKEN)
+        if question.count(constants.DEFAULT_IMAGE_TOKEN) != 1 or question.count(constants.DEFAULT_BOX_TOKEN) != 1:
+            raise ValueError(f"question {record.question_id!r}: LLaVA-3D's Scan2Cap prompts hold the scene as one "
+                             f"{constants.DEFAULT_VIDEO_TOKEN} and the object as one {constants.DEFAULT_BOX_TOKEN} "
+                             f"(llava/eval/model_scan2cap.py:54-69); this one is {record.question!r}")
+        conv = self.llava["conversation"].conv_templates[self.conv_mode].copy()
+        conv.append_message(conv.roles[0], question)
+        conv.append_message(conv.roles[1], None)
+        input_ids = self.llava["mm_utils"].tokenizer_special_token(conv.get_prompt(), self.tokenizer,
+                                                                   return_tensors="pt")
+        return input_ids, [[round(float(coord), 3) for coord in record.extra["box"][:3]]]
+
     def _video(self, record: QARecord) -> str:
         path = self.video_folder / (record.extra.get("video") or f"scannet/{record.scene_id}")
         if not path.exists():
@@ -87,7 +112,11 @@ class LLaVA3DAnswerer:
         from transformers import set_seed
 
         set_seed(zlib.crc32(records[0].question_id.encode()))  # frame sampling and decoding, the same for every method
-        rows = [self._input_ids(r.question) for r in records]
+        # a record with a box is an object to caption (LLaVA-3D's Scan2Cap file), any other a question
+        prompts = [self._caption_input_ids(r) if "box" in r.extra else (self._input_ids(r.question), [])
+                   for r in records]
+        rows = [ids for ids, _ in prompts]
+        clicks = [click for _, record_clicks in prompts for click in record_clicks]
         width = max(len(row) for row in rows)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -99,6 +128,8 @@ class LLaVA3DAnswerer:
                                                         device=self.device, text=r.question) for r in records]
         scene = {name: torch.cat([v[name] for v in videos]).to(self.device, dtype=self.llm.dtype)
                  for name in ("images", "depths", "poses", "intrinsics")}
+        if clicks:  # the box placeholders' points, cast like the scene (model_scan2cap.py:88-92)
+            scene["clicks"] = torch.tensor(clicks).to(self.device, dtype=self.llm.dtype)
         sampling = {"do_sample": False} if self.greedy else \
             {"do_sample": True, "temperature": TEMPERATURE, "top_p": TOP_P}
         with torch.inference_mode():

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from adatoken.core.artifacts import write_atomic, write_json_atomic, write_text_atomic
+from adatoken.eval.boxes import THRESHOLDS, box_iou, captioning_scores, grounding_scores, parse_box, without_boxes
 from adatoken.eval.metrics import SQA3D_TYPES, VQA_ANSWER_TYPES, breakdown, score, vqa_types
 from adatoken.eval.runner import SweepConfig
 
@@ -53,6 +54,16 @@ class Accuracy:
         return cls.of_scores([float(hit) for hit in hits])
 
     @classmethod
+    def of_mean(cls, scores: Sequence[float]) -> "Accuracy":
+        """Mean of unbounded per-sample scores (CIDEr) with the normal 95 % interval from their sample variance."""
+        n = len(scores)
+        if n == 0:
+            return cls(0, None, (0.0, 0.0))
+        mean = math.fsum(scores) / n
+        half = Z_95 * (statistics.stdev(scores) / math.sqrt(n) if n > 1 else 0.0)
+        return cls(n, mean, (mean - half, mean + half))
+
+    @classmethod
     def of_scores(cls, scores: Sequence[float]) -> "Accuracy":
         """Mean of per-question scores in [0, 1] (0/1 hits: a proportion) with the 95 % Wilson interval at that mean.
 
@@ -83,6 +94,10 @@ class ReportRow:
     vqa_by_type: dict[str, Accuracy] = field(default_factory=dict)  # by answer type
     ngram: dict[str, float | None] = field(default_factory=dict)
     ngram_unavailable: dict[str, str] = field(default_factory=dict)  # metric -> why it is None
+    # 3D grounding rows (qtype "grounding"): "acc@0.25", "acc@0.5", and per ScanRefer subset "unique acc@0.5" ...
+    grounding: dict[str, Accuracy] = field(default_factory=dict)
+    # dense captioning rows (qtype "captioning"): "cider@0.5", "bleu_4@0.5", ... (per-object means, Scan2Cap's)
+    captioning: dict[str, Accuracy] = field(default_factory=dict)
     measured_retention: float | None = None  # mean over samples of mean over layers of kept / input spatial
     final_keep: float | None = None          # mean over samples of kept at the last layer / input spatial
     prefill_flops: float | None = None       # mean per sample
@@ -123,6 +138,7 @@ def summarize(configs: Sequence[SweepConfig], predictions: dict[str, list[dict]]
                          for t in types} if vqa else {},
             ngram={name: scores[name] for name in NGRAM_SHOWN} if ngram else {},
             ngram_unavailable={n: why for n, why in scores["unavailable"].items() if n in NGRAM_SHOWN} if ngram else {},
+            **_task_scores(rows),
             measured_retention=_mean_retention(rows),
             final_keep=_final_keep(rows),
             prefill_flops=statistics.fmean(r["prefill_flops"] for r in rows),
@@ -135,6 +151,39 @@ def summarize(configs: Sequence[SweepConfig], predictions: dict[str, list[dict]]
         if unpruned is not None and row.prefill_flops is not None:
             row.flops_ratio = row.prefill_flops / unpruned.prefill_flops
     return report, metrics
+
+
+def _task_scores(rows: list[dict]) -> dict:
+    """ReportRow's grounding and captioning fields for one config's rows (empty when it has no such rows).
+
+    Grounding: the box parsed from each answer ("[cx, cy, cz, dx, dy, dz]", boxes.parse_box; none: IoU 0) against
+    the row's box. Captioning: a caption that states a box is matched at that box's IoU with the object; one that
+    does not is about the object its question gave (Scan2Cap's proposal, the testbed's point), IoU 1, so its @0.25
+    and @0.5 scores are equal."""
+    out: dict = {}
+    grounding = [r for r in rows if r["qtype"] == "grounding"]
+    if grounding:
+        subsets = [r.get("subset") for r in grounding]
+        found = grounding_scores([parse_box(r["prediction"]) for r in grounding], [r["box"] for r in grounding],
+                                 subsets if None not in subsets else None)
+        ious = found["ious"]
+        out["grounding"] = {f"acc@{k:g}": Accuracy.of([iou >= k for iou in ious]) for k in THRESHOLDS}
+        for subset in sorted(set(subsets) - {None}):
+            out["grounding"].update({f"{subset} acc@{k:g}": Accuracy.of(
+                [iou >= k for iou, s in zip(ious, subsets) if s == subset]) for k in THRESHOLDS})
+    captioning = [r for r in rows if r["qtype"] == "captioning"]
+    if captioning:
+        boxes = [parse_box(r["prediction"]) for r in captioning]
+        ious = [1.0 if box is None else box_iou(box, r["box"]) for box, r in zip(boxes, captioning)]
+        found = captioning_scores([without_boxes(r["prediction"]) for r in captioning],
+                                  [[without_boxes(ref) for ref in r["references"]] for r in captioning], ious)
+        out["captioning"] = {}
+        for name, scores in found["per_object"].items():
+            for k in THRESHOLDS:
+                if scores is not None:
+                    out["captioning"][f"{name}@{k:g}"] = Accuracy.of_mean(
+                        [s if iou >= k else 0.0 for s, iou in zip(scores, ious)])
+    return out
 
 
 def _question_types(rows: list[dict], vqa: bool = False) -> list[str]:
@@ -194,12 +243,19 @@ def _row_json(row: ReportRow) -> dict:
 
 
 def _headline(row: ReportRow) -> Accuracy | None:
-    """The accuracy the figure plots: VQA accuracy for VQA question sets, EM otherwise."""
-    return row.em if row.vqa_acc is None else row.vqa_acc
+    """The score the figure plots: VQA accuracy for VQA question sets, Acc@0.5 for grounding, CIDEr@0.5 for
+    captioning (with EM, a question set of one kind has only one of these), EM otherwise."""
+    if row.vqa_acc is not None:
+        return row.vqa_acc
+    return row.grounding.get("acc@0.5") or row.captioning.get("cider@0.5") or row.em
 
 
 def _headline_name(rows: Sequence[ReportRow]) -> str:
-    return "VQA accuracy" if any(r.vqa_acc is not None for r in rows) else "EM"
+    if any(r.vqa_acc is not None for r in rows):
+        return "VQA accuracy"
+    if any(r.grounding for r in rows):
+        return "grounding Acc@0.5"
+    return "CIDEr@0.5 (x100)" if any(r.captioning for r in rows) else "EM"
 
 
 def _pct(acc: Accuracy | None, ci: bool = True) -> str:
@@ -261,6 +317,7 @@ def to_markdown(rows: list[ReportRow], context: dict) -> str:
                                                      "mean score)")
     else:
         lines += _by_type_table(rows, "em_by_type", "EM by question type (%, 95 % Wilson interval)")
+    lines += _task_tables(rows)
     reasons = {f"{NGRAM_SHOWN[n]}: {why}" for r in rows for n, why in r.ngram_unavailable.items()}
     if reasons:
         lines += ["", "Not computed (–): " + "; ".join(sorted(reasons)) + "."]
@@ -286,6 +343,34 @@ def _by_type_table(rows: list[ReportRow], name: str, title: str) -> list[str]:
     lines += [_table_row(head), _table_row(["---"] * len(head))]
     for row in (r for r in rows if r.skipped is None):
         lines.append(_table_row([row.method, row.label, *(_pct(getattr(row, name).get(t)) for t in counts)]))
+    return lines
+
+
+def _task_tables(rows: list[ReportRow]) -> list[str]:
+    """The paper's Table I columns: grounding Acc@0.25 / Acc@0.5 (and by ScanRefer subset), captioning metric@k."""
+    ran = [r for r in rows if r.skipped is None]
+    lines = []
+    for name, title, note, scale in (
+            ("grounding", "3D grounding", "Acc@k: % of referring expressions whose predicted box has IoU >= k with "
+                                          "the object's (docs/metrics.md), 95 % Wilson interval", 100),
+            ("captioning", "Dense captioning", "metric@k: per-object caption score, 0 where the caption's box has IoU "
+                                               "< k (Scan2Cap), mean x 100 with a normal 95 % interval", 100)):
+        columns = next((list(getattr(r, name)) for r in ran if getattr(r, name)), [])
+        if not columns:
+            continue
+        n = getattr(next(r for r in ran if getattr(r, name)), name)[columns[0]].n
+        lines += ["", f"## {title} (n={n})", "", note + ".", "",
+                  _table_row(["method", "retention", *columns]), _table_row(["---"] * (len(columns) + 2))]
+        for row in ran:
+            cells = []
+            for column in columns:
+                acc = getattr(row, name).get(column)
+                if acc is None or acc.value is None:
+                    cells.append("–")
+                    continue
+                low, high = (scale * v for v in acc.ci95)
+                cells.append(f"{scale * acc.value:.1f} [{low:.1f}, {high:.1f}]")
+            lines.append(_table_row([row.method, row.label, *cells]))
     return lines
 
 
@@ -337,7 +422,8 @@ def plot_accuracy_vs_flops(rows: list[ReportRow], path: str | Path, title: str) 
                     capsize=3, linestyle="none", label="none (unpruned)")
         ax.axhline(100 * _headline(r).value, color="black", linestyle="--", linewidth=0.8, alpha=0.6)
     ax.set_xlabel("prefill FLOPs relative to unpruned" if relative else f"prefill {unit} per sample")
-    ax.set_ylabel(f"{_headline_name(rows)} (%), 95 % Wilson interval")
+    name = _headline_name(rows)
+    ax.set_ylabel(f"{name}, 95 % normal interval" if name.startswith("CIDEr") else f"{name} (%), 95 % Wilson interval")
     ax.set_title(title, fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.margins(x=0.08, y=0.12)  # room for the retention labels above the points

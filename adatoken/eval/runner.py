@@ -362,6 +362,8 @@ def _row(config: SweepConfig, record: QARecord, prediction: str, stats, b: int, 
         "config": config.key, "method": config.method, "retention": config.retention,
         "question_id": record.question_id, "prediction": prediction, "references": record.answers,
         "qtype": record.qtype,
+        # grounding and captioning records: the object's box, and ScanRefer's unique/multiple subset (report.py)
+        **{name: record.extra[name] for name in ("box", "subset") if name in record.extra},
         "spatial_in": [layer[b] for layer in stats.spatial_in],  # spatial tokens entering each layer
         "prefill_flops": stats.prefill_flops(b),
         # the batch this answer came from, and its timings (every sample of a batch shares them)

@@ -13,6 +13,7 @@ import numpy as np
 from tqdm import tqdm
 
 from adatoken.testbed.questions import Question, sample_questions
+from adatoken.testbed.referring import task_questions
 from adatoken.testbed.scenes import Scene, scene_for_seed
 from adatoken.testbed.spatial import SpatialConfig, SpatialTokens, spatial_tokens_for_seed
 
@@ -23,6 +24,7 @@ SPLITS = {
     "test": (2_000_000, 300),
 }
 QUESTION_SALT = 7  # separates the question draw from the scene draw of the same seed
+TASK_SALT = 11  # the same for the grounding and captioning draws
 
 
 @dataclass(frozen=True)
@@ -69,4 +71,19 @@ def load_split(split: str, num_scenes: int | None = None, per_type: int = 1,
         scene_id = scene_for_seed(seed).scene_id
         for k, q in enumerate(scene_questions(seed, rng, per_type, cfg)):
             samples.append(QASample(f"{split}-{scene_id}-{k}", scene_id, seed, q.question, (q.answer,), q.qtype))
+    return samples
+
+
+def load_task_split(split: str, task: str, num_scenes: int | None = None, per_scene: int = 2,
+                    cfg: SpatialConfig = SpatialConfig(), progress: bool = False) -> list[tuple[QASample, Question]]:
+    """Up to `per_scene` grounding or captioning questions (referring.py) per scene of `split`, about objects its
+    spatial tokens show; each as a QASample (qtype = the task) with the Question it came from (its referents)."""
+    samples = []
+    for seed in tqdm(split_seeds(split, num_scenes), desc=f"{split} {task}", disable=not progress):
+        rng = np.random.default_rng([seed, TASK_SALT])
+        scene_id = scene_for_seed(seed).scene_id
+        visible = visible_objects(spatial_tokens_for_seed(seed, cfg))
+        for k, q in enumerate(task_questions(scene_for_seed(seed), visible, rng, {task: per_scene})):
+            sample = QASample(f"{split}-{scene_id}-{task}-{k}", scene_id, seed, q.question, (q.answer,), task)
+            samples.append((sample, q))
     return samples

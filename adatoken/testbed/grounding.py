@@ -1,11 +1,12 @@
 """Auxiliary 3D grounding losses for training the testbed: linear heads that read object positions off hidden states.
 
 LLaVA-3D's instruction data includes 3D grounding: the model outputs where the object a text refers to
-is. The testbed's version is two linear regressions used only in training (the shipped model has no
-heads), each to an object's floor position (x, y):
+is. The testbed answers grounding questions with a box in words (referring.py); besides, two linear
+regressions used only in training (the shipped model has no heads) each predict an object's floor position (x, y):
 - at every word naming an object (the sofa of "What is closest to the sofa?"), read after layer
   `word_layer`: the model learns to fetch *where* an object is, along with what it is;
-- at the last prompt token of a relation or situated question whose answer is an object, read after layer
+- at the last prompt token of a relation or situated question whose answer is an object, and of a grounding
+  or captioning question (referring.py: the object whose box or caption is the answer), read after layer
   `answer_layer`: the model learns to find the answer object by geometry before it names it.
 Why: without them the model fetches an object's colour at its word but not its position (`adatoken testbed
 probe` measures both), so questions about geometry cannot be learned; the measured effect on accuracy is in
@@ -20,6 +21,7 @@ from transformers import PreTrainedTokenizerFast
 
 from adatoken.testbed.model import scaled_position
 from adatoken.testbed.questions import Question, unique_classes
+from adatoken.testbed.referring import question_object
 from adatoken.testbed.scenes import Scene
 
 GROUNDING_HEADS = ("word", "answer")
@@ -41,7 +43,10 @@ def grounding_targets(scene: Scene, visible: set[int], questions: list[Question]
     # The token before an answer's first token is where the answer is predicted from (the ":" of ASSISTANT:).
     answer_starts = [i for i in range(1, len(ids)) if is_answer[i] and not is_answer[i - 1]]
     for question, start in zip(questions, answer_starts):
-        if question.qtype in ("relation", "situated") and question.answer not in ("left", "right"):
+        if question.qtype in ("grounding", "captioning"):  # the object whose box or caption is the answer
+            targets["answer"][0].append(start - 1)
+            targets["answer"][1].append(floor[question_object(question)])
+        elif question.qtype in ("relation", "situated") and question.answer not in ("left", "right"):
             targets["answer"][0].append(start - 1)
             targets["answer"][1].append(floor[question.referents[-1]])
     return targets

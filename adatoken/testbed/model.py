@@ -280,15 +280,21 @@ class TestbedModel(nn.Module):
         tmp.rmdir()
 
 
-def load(path: str | os.PathLike | None = None) -> TestbedModel:
-    """Load a testbed checkpoint folder (the one shipped in the package by default), offline, in eval mode."""
+def load_settings(path: str | os.PathLike | None = None) -> tuple[ModelConfig, SpatialConfig]:
+    """The model and spatial settings of a testbed checkpoint folder (its testbed.json)."""
     path = Path(path) if path is not None else SHIPPED_CHECKPOINT
     if not (path / "testbed.json").is_file():
         hint = " (train one with `adatoken testbed train`)" if path == SHIPPED_CHECKPOINT else ""
         raise FileNotFoundError(f"no testbed checkpoint in {path}: testbed.json is missing{hint}")
     meta = json.loads((path / "testbed.json").read_text())
     model_config = ModelConfig(**{"position_frequencies": 0, **meta["model"]})  # older checkpoints had none
-    spatial_config = SpatialConfig(**meta["spatial"])
+    return model_config, SpatialConfig(**meta["spatial"])
+
+
+def load(path: str | os.PathLike | None = None) -> TestbedModel:
+    """Load a testbed checkpoint folder (the one shipped in the package by default), offline, in eval mode."""
+    path = Path(path) if path is not None else SHIPPED_CHECKPOINT
+    model_config, spatial_config = load_settings(path)
     llm = LlamaForCausalLM.from_pretrained(path, local_files_only=True)
     encoder = SpatialEncoder(spatial_config.feature_dim, model_config.hidden_size, model_config.position_hidden,
                              model_config.position_frequencies)

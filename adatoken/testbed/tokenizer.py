@@ -12,6 +12,7 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from adatoken.testbed.questions import DESCRIBE, NUMBER_WORDS, SIDE_ASK, SITUATED_ASKS, SITUATION, TEMPLATES
+from adatoken.testbed.referring import CLOSEST_TO, COORDINATE_WORDS, DESCRIBE_AT, NEXT_TO, WHERE
 from adatoken.testbed.scenes import CLASSES, COLOURS
 
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
@@ -25,14 +26,20 @@ def words(text: str) -> list[str]:
     return re.findall(r"\w+|[^\w\s]+", text.lower())
 
 
+def _template_words(texts: list[str]) -> set[str]:
+    return {w for t in texts for w in words(t.replace("{", " ").replace("}", " "))} - {"x", "xs", "y", "z", "c", "p"}
+
+
 def vocabulary() -> list[str]:
+    """The question-answering words (sorted), then the grounding and captioning words: appended, so a checkpoint
+    trained before those tasks existed keeps its token ids and can be fine-tuned on them (train.py)."""
     texts = [SYSTEM_PROMPT, USER, ASSISTANT, DESCRIBE, ",", SITUATION, SIDE_ASK, *SITUATED_ASKS.values(), *ANSWER_WORDS,
              *COLOURS]
     texts += [t for group in TEMPLATES.values() for t in group]
     texts += [name for cls, spec in CLASSES.items() for name in (cls, spec.plural)]
-    found = {w for t in texts for w in words(t.replace("{", " ").replace("}", " "))}
-    found -= {"x", "xs", "y", "z"}  # template slots, not words
-    return [PAD, UNK, BOS, EOS] + sorted(found)
+    qa = sorted(_template_words(texts))
+    tasks_3d = sorted(_template_words([WHERE, DESCRIBE_AT, CLOSEST_TO, NEXT_TO]) - set(qa))
+    return [PAD, UNK, BOS, EOS] + qa + tasks_3d + list(COORDINATE_WORDS)
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:

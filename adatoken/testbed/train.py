@@ -26,9 +26,10 @@ from adatoken.testbed.data import load_split, scene_questions, split_seeds, visi
 from adatoken.testbed.grounding import GROUNDING_HEADS, GroundingHeads, grounding_targets
 from adatoken.testbed.model import ModelConfig, TestbedModel, load
 from adatoken.testbed.questions import DESCRIBE, QUESTION_TYPES, describe
+from adatoken.testbed.referring import COORDINATE_WORDS, task_questions
 from adatoken.testbed.scenes import scene_for_seed
 from adatoken.testbed.spatial import SpatialConfig, SpatialTokens, spatial_tokens_for_seed
-from adatoken.testbed.tokenizer import dialogue_ids, system_ids
+from adatoken.testbed.tokenizer import build_tokenizer, dialogue_ids, system_ids
 
 
 @dataclass
@@ -56,6 +57,10 @@ class TrainConfig:
     curriculum_hold: int = 800
     curriculum_ramp: int = 250
     describe: bool = True  # end each dialogue with a dense caption turn (see questions.describe)
+    # 3D grounding and object captioning turns per dialogue (referring.py), shuffled in with the questions; the
+    # shipped 6-layer recipe had none, the 32-layer checkpoint learned them in a fine-tune (finetune_from).
+    grounding_turns: int = 0
+    captioning_turns: int = 0
     # Weight of the auxiliary 3D grounding losses (grounding.py; 0: none) and the hidden_states index each head
     # reads: object words after the first layer (where colour is fetched), answers after the fourth.
     grounding: float = 1.0
@@ -66,6 +71,9 @@ class TrainConfig:
     # Grow a trained checkpoint folder in depth instead of training from scratch (see grow_in_depth); the shipped
     # 32-layer testbed grew from adatoken/testbed/checkpoint-6l.
     grow_from: str | None = None
+    # Fine-tune a trained checkpoint folder at its own depth and settings (model/spatial are taken from it); its
+    # vocabulary is extended with any words the current tokenizer has that it lacks (referring.py's tasks).
+    finetune_from: str | None = None
     # Store the LLM's weights as float16 (they load into float32): halves the checkpoint, which a 32-layer testbed
     # needs to ship under 25 MB. The model train() returns is rounded the same way, so it is the one on disk.
     export_half: bool = False
@@ -88,8 +96,8 @@ def background_kept(cfg: TrainConfig, step: int) -> float:
 
 def curriculum_tokens(cfg: TrainConfig, step: int, tokens: SpatialTokens, rng: np.random.Generator) -> SpatialTokens:
     """The spatial tokens a training dialogue sees at `step`, in voxel order (see TrainConfig)."""
-    if cfg.grow_from is not None or step >= cfg.curriculum_hold + cfg.curriculum_ramp:
-        return tokens  # a grown model starts from one that reads complete scenes
+    if cfg.grow_from is not None or cfg.finetune_from is not None or step >= cfg.curriculum_hold + cfg.curriculum_ramp:
+        return tokens  # a grown or fine-tuned model starts from one that reads complete scenes
     keep = background_kept(cfg, step)
     if keep >= 1.0:
         return tokens
@@ -111,6 +119,10 @@ def training_batch(model: TestbedModel, cfg: TrainConfig, step: int) -> dict[str
         tokens = spatial_tokens_for_seed(scene_seed, cfg.spatial)
         scene, visible = scene_for_seed(scene_seed), visible_objects(tokens)
         questions = scene_questions(scene_seed, rng, per_type, cfg.spatial)
+        if cfg.grounding_turns or cfg.captioning_turns:
+            questions += task_questions(scene, visible, rng, {"grounding": cfg.grounding_turns,
+                                                              "captioning": cfg.captioning_turns})
+            questions = [questions[i] for i in rng.permutation(len(questions))]
         turns = [(q.question, q.answer) for q in questions]
         if cfg.describe:  # last, so that no question can read its answer off the caption
             turns.append((DESCRIBE, describe(scene, visible)))
@@ -179,6 +191,38 @@ def grow_in_depth(source: TestbedModel, cfg: TrainConfig) -> TestbedModel:
     return TestbedModel(llm, source.encoder, source.tokenizer, cfg.model, source.spatial_config)
 
 
+@torch.no_grad()
+def extend_vocabulary(source: TestbedModel, seed: int) -> TestbedModel:
+    """`source` with the current tokenizer's vocabulary: its own words keep their ids and embeddings (the
+    vocabulary only ever appends, tokenizer.vocabulary), new words get new rows. Coordinate words start as a
+    smooth function of their value (random Fourier features of it, at the word embeddings' scale), so that with
+    the tied head neighbouring coordinates start with similar logits; other new words start at random."""
+    tokenizer = build_tokenizer()
+    old, new = source.tokenizer.get_vocab(), tokenizer.get_vocab()
+    if any(new.get(word) != index for word, index in old.items()):
+        raise ValueError("the checkpoint's vocabulary is not a prefix of the current one; it cannot be extended")
+    llm = source.llm
+    embed = llm.get_input_embeddings().weight
+    added = sorted(set(new) - set(old), key=new.get)
+    rows = torch.randn(len(added), embed.shape[1], generator=torch.Generator().manual_seed(seed)) * embed.std()
+    values = torch.tensor([float(w) if w in COORDINATE_WORDS else float("nan") for w in added])
+    numeric = ~values.isnan()
+    if numeric.any():
+        g = torch.Generator().manual_seed(seed + 1)
+        frequencies = torch.randn(embed.shape[1] // 2, generator=g) * 0.15  # per decimetre: smooth over ~1 m
+        phases = torch.rand(embed.shape[1] // 2, generator=g) * 2 * math.pi
+        angles = values[numeric, None] * frequencies + phases
+        smooth = torch.cat([angles.cos(), angles.sin()], -1)
+        rows[numeric] = smooth / smooth.std() * embed.std()
+    grown = torch.cat([embed, rows.to(embed.dtype)])
+    llm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    llm.get_input_embeddings().weight.copy_(grown)
+    if not source.model_config.tie_embeddings:
+        llm.get_output_embeddings().weight[len(old):] = 0.0
+    llm.config.vocab_size = len(tokenizer)
+    return TestbedModel(llm, source.encoder, tokenizer, source.model_config, source.spatial_config)
+
+
 def _atomic_save(obj, path: Path) -> None:
     write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
@@ -225,7 +269,15 @@ def _train(cfg: TrainConfig, progress: bool) -> TestbedModel:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     grounding_layers = cfg.grounding_layers
-    if cfg.grow_from is None:
+    if cfg.grow_from is not None and cfg.finetune_from is not None:
+        raise ValueError("give grow_from or finetune_from, not both")
+    if cfg.finetune_from is not None:
+        source = load(cfg.finetune_from)
+        if (source.model_config, source.spatial_config) != (cfg.model, cfg.spatial):
+            raise ValueError(f"fine-tuning keeps the checkpoint's settings: pass its ModelConfig and SpatialConfig "
+                             f"(from {cfg.finetune_from}/testbed.json)")
+        model = extend_vocabulary(source, cfg.seed).train()
+    elif cfg.grow_from is None:
         model = TestbedModel.create(cfg.model, cfg.spatial, seed=cfg.seed).train()
     else:
         source = load(cfg.grow_from)
@@ -278,7 +330,9 @@ def _train(cfg: TrainConfig, progress: bool) -> TestbedModel:
     model.eval()
     info = {"train": {"steps": cfg.steps, "seed": cfg.seed, "batch_size": cfg.batch_size, "per_type": cfg.per_type,
                       "geometry_per_type": cfg.geometry_per_type, "lr": cfg.lr, "grounding": cfg.grounding,
-                      "grow_from": cfg.grow_from, "final_loss_smoothed": smoothed}}
+                      "grow_from": cfg.grow_from, "finetune_from": cfg.finetune_from,
+                      "grounding_turns": cfg.grounding_turns, "captioning_turns": cfg.captioning_turns,
+                      "final_loss_smoothed": smoothed}}
     if cfg.export_half:
         with torch.no_grad():
             for parameter in model.llm.parameters():

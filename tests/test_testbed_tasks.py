@@ -1,0 +1,184 @@
+"""The testbed's 3D grounding and dense captioning tasks (adatoken/testbed/referring.py), their question sets in the
+evaluation runner, and the report's Table-I columns."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer
+from transformers import PreTrainedTokenizerFast
+
+from adatoken.cli import main
+from adatoken.eval.boxes import box_iou
+from adatoken.eval.report import _task_scores
+from adatoken.testbed.answerer import TestbedAnswerer, load_testbed_task
+from adatoken.testbed.data import load_split, split_seeds
+from adatoken.testbed.model import ModelConfig, TestbedModel, load
+from adatoken.testbed.questions import point_box_distance
+from adatoken.testbed.referring import (
+    RELATION_MARGIN,
+    box_from_words,
+    box_words,
+    captioning_questions,
+    grounding_questions,
+)
+from adatoken.testbed.scenes import scene_for_seed
+from adatoken.testbed.tokenizer import build_tokenizer, vocabulary
+from adatoken.testbed.train import TrainConfig, extend_vocabulary, training_batch
+
+
+def test_a_box_survives_its_words_to_the_nearest_decimetre():
+    box = (0.81, 1.234, 0.0, 1.36, 1.77, 0.825)  # xmin, ymin, zmin, xmax, ymax, zmax
+    assert box_words(box) == "8 12 0 14 18 8"
+    assert box_from_words("8 12 0 14 18 8") == [1.1, 1.5, 0.4, 0.6, 0.6, 0.8]  # centre, size
+    assert box_iou(box_from_words(box_words(box)), [1.085, 1.502, 0.4125, 0.55, 0.536, 0.825]) > 0.75
+    for bad in ("8 12 0 14 18", "8 12 0 14 18 8 9", "8 12 zero 14 18 8", "8 12 0 7 18 8", "8 12 0 14 18 71"):
+        assert box_from_words(bad) is None, bad
+
+
+def _resolve(scene, expression: str):
+    """The objects an expression names, read independently of referring.py's construction."""
+    words = expression.split()
+    if "closest" in words:  # "{cls} closest to the {anchor}"
+        cls, anchor_cls = words[0], words[-1]
+        (anchor,) = [o for o in scene.objects if o.cls == anchor_cls]
+        candidates = sorted((point_box_distance(anchor.centre, o.box), o.object_id)
+                            for o in scene.objects if o.cls == cls)
+        assert candidates[1][0] - candidates[0][0] >= RELATION_MARGIN  # the nearest wins clearly
+        return [candidates[0][1]]
+    if len(words) == 2:  # "{colour} {cls}"
+        return [o.object_id for o in scene.objects if o.cls == words[1] and o.colour == words[0]]
+    return [o.object_id for o in scene.objects if o.cls == words[0]]
+
+
+def test_every_referring_expression_names_exactly_its_object():
+    kinds = set()
+    for seed in split_seeds("test", 40):
+        scene = scene_for_seed(seed)
+        for q in grounding_questions(scene):
+            expression = q.question.removeprefix("Where is the ").removesuffix("?")
+            assert _resolve(scene, expression) == [q.referents[-1]], q.question
+            assert q.answer == box_words(scene.objects[q.referents[-1]].box)
+            kinds.add("closest" if "closest" in expression else len(expression.split()))
+    assert kinds == {1, 2, "closest"}  # class, colour + class, and relation expressions all occur
+
+
+def test_captions_say_colour_class_and_the_clearly_nearest_object():
+    for seed in split_seeds("test", 20):
+        scene = scene_for_seed(seed)
+        for q in captioning_questions(scene):
+            obj = scene.objects[q.referents[0]]
+            assert q.answer.startswith(f"{obj.colour} {obj.cls}")
+            point = np.array([float(w) for w in q.question.removeprefix("Describe the object at ").rstrip(".").split()])
+            assert np.abs(point / 10 - obj.centre).max() <= 0.05 + 1e-9
+            if len(q.referents) == 2:
+                assert q.answer.endswith(f"next to the {scene.objects[q.referents[1]].cls}")
+            else:
+                assert q.answer == f"{obj.colour} {obj.cls}"
+
+
+def test_task_words_are_appended_to_the_shipped_vocabulary():
+    shipped = load().tokenizer.get_vocab()
+    words = vocabulary()
+    assert sorted(shipped, key=shipped.get) == words[:len(shipped)]  # old ids unchanged: a checkpoint can fine-tune
+    tokenizer = build_tokenizer()
+    for task in ("grounding", "captioning"):
+        for record in load_testbed_task(task, num_scenes=10):
+            answer = box_words(_corners(record.extra["box"])) if task == "grounding" else record.answers[0]
+            ids = tokenizer(f"{record.question} {answer}", add_special_tokens=False)["input_ids"]
+            assert tokenizer.unk_token_id not in ids
+
+
+def _corners(box):
+    centre, size = np.array(box[:3]), np.array(box[3:])
+    return [*(centre - size / 2), *(centre + size / 2)]
+
+
+def test_extending_the_vocabulary_keeps_what_the_model_computed():
+    cfg = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, position_hidden=16)
+    model = TestbedModel.create(cfg, seed=1).eval()
+    # a model made before the task words existed: the QA vocabulary only, the words before "object"
+    qa_size = vocabulary().index("object")
+    model.llm.resize_token_embeddings(qa_size, mean_resizing=False)
+    backend = json.loads(model.tokenizer.backend_tokenizer.to_str())
+    backend["model"]["vocab"] = {w: i for w, i in backend["model"]["vocab"].items() if i < qa_size}
+    model.tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(backend)),
+                                              bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    inputs = model.build_inputs(load_split("test", num_scenes=1)[:2])
+    with torch.no_grad():
+        before = model.llm(inputs_embeds=inputs["inputs_embeds"], attention_mask=inputs["attention_mask"]).logits
+        extended = extend_vocabulary(model, seed=0).eval()
+        after = extended.llm(inputs_embeds=inputs["inputs_embeds"], attention_mask=inputs["attention_mask"]).logits
+    assert after.shape[-1] == len(vocabulary()) and len(extended.tokenizer) == len(vocabulary())
+    torch.testing.assert_close(after[..., :qa_size], before)
+    rows = extended.llm.get_input_embeddings().weight[qa_size:]
+    coordinate = rows[-71:]  # "0" .. "70": neighbours start alike, far values do not
+    cosine = torch.nn.functional.cosine_similarity
+    assert cosine(coordinate[30], coordinate[31], dim=0) > 0.9 > cosine(coordinate[30], coordinate[60], dim=0)
+
+
+def test_training_dialogues_carry_grounding_and_captioning_turns():
+    cfg = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, position_hidden=16)
+    model = TestbedModel.create(cfg, seed=0)
+    train_cfg = TrainConfig(batch_size=2, per_type=1, grounding_turns=2, captioning_turns=2, model=cfg)
+    batch = training_batch(model, train_cfg, step=5_000)
+    answers = model.tokenizer.decode([t for t in batch["labels"][0].tolist() if t >= 0])
+    assert sum(box_from_words(a) is not None for a in answers.split("</s>")) == 2  # two boxes
+    assert len(batch["answer_rows"]) >= 2 * 4  # the answer head regresses each task question's object
+
+
+def test_testbed_task_sets_are_big_enough_and_boxed():
+    grounding, captioning = load_testbed_task("grounding"), load_testbed_task("captioning")
+    assert len(grounding) >= 500 and len({(r.scene_id, r.extra["object_id"]) for r in captioning}) >= 300
+    for record in grounding[:50]:
+        obj = scene_for_seed(record.extra["scene_seed"]).objects[record.extra["object_id"]]
+        np.testing.assert_allclose(record.extra["box"], [*obj.centre, *obj.size])
+        assert record.extra["subset"] == ("unique" if scene_for_seed(record.extra["scene_seed"]).count(obj.cls) == 1
+                                          else "multiple")
+    assert {r.extra["subset"] for r in grounding} == {"unique", "multiple"}
+
+
+def test_the_testbed_answerer_turns_coordinate_words_into_a_box():
+    class Words:
+        llm = None
+
+        def answer(self, samples, max_new_tokens, batch_size):
+            return ["8 12 0 14 18 8", "8 12", "red chair"][:len(samples)]
+
+    records = load_testbed_task("grounding", num_scenes=1)[:2] + load_testbed_task("captioning", num_scenes=1)[:1]
+    assert TestbedAnswerer(Words()).answer(records, 8) == ["[1.10, 1.50, 0.40, 0.60, 0.60, 0.80]", "8 12", "red chair"]
+
+
+def test_report_scores_boxes_and_captions_as_table_one():
+    unit = [0.5, 0.5, 0.5, 1.0, 1.0, 1.0]
+    rows = [  # IoU 1, 1/3 (half the box shifted out) and no box
+        {"qtype": "grounding", "prediction": "[0.5, 0.5, 0.5, 1, 1, 1]", "box": unit, "subset": "unique"},
+        {"qtype": "grounding", "prediction": "[1.0, 0.5, 0.5, 1, 1, 1]", "box": unit, "subset": "multiple"},
+        {"qtype": "grounding", "prediction": "0 0", "box": unit, "subset": "multiple"},
+    ]
+    scores = _task_scores(rows)["grounding"]
+    assert scores["acc@0.25"].value == pytest.approx(2 / 3) and scores["acc@0.5"].value == pytest.approx(1 / 3)
+    assert scores["unique acc@0.5"].value == 1.0 and scores["multiple acc@0.25"].value == 0.5
+    captions = [  # the same caption twice: for the given object, and with a box that misses it (IoU 1/3)
+        {"qtype": "captioning", "prediction": "red chair next to the bed", "box": unit,
+         "references": ["red chair next to the bed"]},
+        {"qtype": "captioning", "prediction": "red chair next to the bed [1.0, 0.5, 0.5, 1, 1, 1]", "box": unit,
+         "references": ["red chair next to the bed"]},
+    ]
+    captioning = _task_scores(captions)["captioning"]
+    assert captioning["bleu_4@0.25"].value == pytest.approx(captioning["bleu_4@0.5"].value * 2)
+    assert captioning["bleu_4@0.5"].value > 0.4
+
+
+def test_eval_runs_the_testbed_grounding_set(tmp_path):
+    out = tmp_path / "eval"
+    args = ["eval", "--dataset", "testbed-grounding", "--methods", "none", "fastv", "--retentions", "0.4",
+            "--limit", "4", "--batch-size", "4", "--max-new-tokens", "7", "--out", str(out), "--no-progress"]
+    assert main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert all(set(row["grounding"]) >= {"acc@0.25", "acc@0.5"} for row in report["rows"])
+    assert "## 3D grounding (n=4)" in (out / "report.md").read_text()
+    predictions = [json.loads(line) for line in (out / "predictions" / "rank0.jsonl").open()]
+    assert len(predictions) == 8 and all(len(p["box"]) == 6 and p["subset"] for p in predictions)
