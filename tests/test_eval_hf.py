@@ -3,10 +3,8 @@ processors built offline, tests/tiny_models.py) answering an image-question JSON
 resumed after a kill and sharded by torchrun as the runner promises; where answers end; its errors."""
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +13,7 @@ import torch
 from adatoken.cli import main
 from adatoken.eval import hf
 from adatoken.eval.datasets import load_dataset
+from test_eval_runner import kill_midway
 from tiny_models import CHECKPOINT_FAMILIES, build_model, question_file, tiny_checkpoint
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -154,17 +153,8 @@ def test_resume_after_sigkill(reference, checkpoints, tmp_path):
     data, expected = reference
     out = expected.parent / "resumed"  # beside the reference: the same data path, so the same settings
     args = eval_args(checkpoints("llava"), data, out, "--batch-size", "2")
-    process = subprocess.Popen([sys.executable, "-m", "adatoken.cli", *args], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    log = out / "predictions" / "rank0.jsonl"
-    deadline = time.monotonic() + 120
-    while process.poll() is None and time.monotonic() < deadline:
-        if log.exists() and log.read_bytes().count(b"\n") >= 8:  # inside the second config
-            process.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.01)
-    assert process.wait(timeout=60) == -signal.SIGKILL, "the run ended before it could be killed"
-    assert not (out / "metrics.json").exists() and 8 <= len(prediction_rows(out)) < 18
+    kill_midway(args, out, lines=8)  # inside the second config
+    assert 8 <= len(prediction_rows(out)) < 18
     assert main(args) == 0
     assert_same_as_reference(out, expected)
 

@@ -121,20 +121,25 @@ def test_resume_after_a_torn_write(reference, checkpoint, tmp_path):
     rerun_equals_reference(checkpoint, tmp_path, reference)
 
 
-@pytest.mark.slow
-def test_resume_after_sigkill(reference, checkpoint, tmp_path):
-    """kill -9 midway through the sweep, then the same command again: the result is the uninterrupted one."""
-    args = [sys.executable, "-m", "adatoken.cli", *eval_args(checkpoint, tmp_path)]
-    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    log = tmp_path / "predictions" / "rank0.jsonl"
+def kill_midway(cli_args: list[str], out: Path, lines: int) -> None:
+    """Run `adatoken <cli_args>` in a subprocess and kill -9 it once OUT's prediction log holds `lines` lines."""
+    process = subprocess.Popen([sys.executable, "-m", "adatoken.cli", *cli_args], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    log = out / "predictions" / "rank0.jsonl"
     deadline = time.monotonic() + 120
     while process.poll() is None and time.monotonic() < deadline:
-        if log.exists() and log.read_bytes().count(b"\n") >= 25:  # in the second config
+        if log.exists() and log.read_bytes().count(b"\n") >= lines:
             process.send_signal(signal.SIGKILL)
             break
         time.sleep(0.01)
     assert process.wait(timeout=60) == -signal.SIGKILL, "the run ended before it could be killed"
-    assert not (tmp_path / "metrics.json").exists()
+    assert not (out / "metrics.json").exists()
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill(reference, checkpoint, tmp_path):
+    """kill -9 midway through the sweep, then the same command again: the result is the uninterrupted one."""
+    kill_midway(eval_args(checkpoint, tmp_path), tmp_path, lines=25)  # in the second config
     rerun_equals_reference(checkpoint, tmp_path, reference)
 
 
