@@ -135,8 +135,9 @@ def test_sweep_em_scores_greedy_answers_against_the_references(checkpoint, quest
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--checkpoint", "ckpt"], "--checkpoint: only for --model hf"),
+    (["--model", "tiny-llama", "--checkpoint", "ckpt"], "--checkpoint: only for --model hf or testbed"),
     (["--model", "tiny-llama", "--data", "q.jsonl"], "--data: only for --model hf"),
+    (["--model", "testbed", "--checkpoint", "no-such-folder"], "no testbed checkpoint in no-such-folder"),
     (["--model", "hf", "--data", "q.jsonl"], "--model hf calibrates a local checkpoint on real image questions"),
     (["--model", "hf", "--checkpoint", "ckpt"], "pass --checkpoint PATH (the model and its processor) and --data"),
     (["--model", "hf", "--checkpoint", "ckpt", "--data", "q.json", "--dataset", "vqav2", "--images", "imgs"],

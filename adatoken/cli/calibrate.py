@@ -60,7 +60,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 # the image-question formats `adatoken eval --model hf` reads -> the options naming files each reads beside --data,
 # and whether the option is required (TextVQA's images default to train_images/ beside its file, LLaVA's layout)
 HF_DATASETS = {"jsonl": {}, "vqav2": {"answers": True, "images": True}, "textvqa": {"images": False}}
-HF_ONLY = ("checkpoint", "dataset", "data", "answers", "images")  # options only --model hf reads
+HF_ONLY = ("dataset", "data", "answers", "images")  # options only --model hf reads (--checkpoint: hf and testbed)
 SYNTHETIC_SPATIAL = 256  # spatial tokens per synthetic sample unless --spatial-tokens says otherwise
 # --metric em with --model hf answers as `adatoken eval --model hf` does by default
 EVAL_BATCH, EVAL_MAX_NEW_TOKENS = 16, 8
@@ -156,7 +156,8 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a local Hugging Face checkpoint directory (no downloads) on synthetic inputs: a "
                              "pipeline check for any decoder, text-only included; for real questions use --model hf")
     hf = parser.add_argument_group("--model hf (the image-question formats `adatoken eval --model hf` reads)")
-    hf.add_argument("--checkpoint", type=Path, help="a local folder with the model and its processor")
+    hf.add_argument("--checkpoint", type=Path, help="hf: a local folder with the model and its processor; testbed: a "
+                                                    "testbed checkpoint folder (default: the shipped one)")
     hf.add_argument("--dataset", choices=list(HF_DATASETS), help="question set format (default: jsonl)")
     hf.add_argument("--data", type=Path, help="the questions: a JSONL of {question_id, image, question, answers}, "
                                               "VQAv2's questions file or TextVQA's annotation file")
@@ -185,7 +186,7 @@ def load_source(args) -> Source:
     dtype = getattr(torch, args.dtype)
     device = str(check_device(args.device)) if args.device else ("cuda" if torch.cuda.is_available() else "cpu")
     if args.model_path is None and args.model == "testbed":
-        return _testbed_source(args.num_samples, device, dtype)
+        return _testbed_source(args.num_samples, device, dtype, getattr(args, "checkpoint", None))
     if args.model_path is None and args.model == "hf":
         return _hf_source(args, device, dtype)
     if args.model_path is not None:
@@ -205,6 +206,10 @@ def _check_source_args(args) -> None:
     """Refuse options the chosen source would ignore, and a --model hf without its files, before any loading."""
     check_positive(args, "num_samples")
     hf = args.model_path is None and args.model == "hf"
+    question_model = args.model_path is None and args.model in QUESTION_MODELS
+    if getattr(args, "checkpoint", None) is not None and not question_model:
+        raise ValueError("--checkpoint: only for --model hf or testbed (the model's folder); for synthetic inputs on a "
+                         "local checkpoint use --model-path DIR")
     given = [f"--{name}" for name in HF_ONLY if getattr(args, name, None) is not None]
     if given and not hf:
         raise ValueError(f"{', '.join(given)}: only for --model hf (a local image-text-to-text checkpoint on real "
@@ -230,13 +235,15 @@ def _check_source_args(args) -> None:
                          f"{'images' if hf else 'scenes'} fix how many spatial tokens there are")
 
 
-def _testbed_source(count: int, device: str, dtype: torch.dtype) -> Source:
-    """The shipped testbed LLM and `count` questions of its calib split (adatoken.testbed.calibration)."""
+def _testbed_source(count: int, device: str, dtype: torch.dtype, checkpoint: Path | None = None) -> Source:
+    """The testbed LLM (the shipped checkpoint, or the folder `checkpoint`) and `count` questions of its calib split
+    (adatoken.testbed.calibration)."""
     from adatoken import testbed
     from adatoken.testbed.calibration import answer_metric, flow_samples
 
-    model = testbed.load().to(device=device, dtype=dtype)
-    return Source("testbed", model.llm, flow_samples(model, count), exact_match=lambda: answer_metric(model, count))
+    model = testbed.load(checkpoint).to(device=device, dtype=dtype)
+    name = "testbed" if checkpoint is None else f"testbed {checkpoint}"
+    return Source(name, model.llm, flow_samples(model, count), exact_match=lambda: answer_metric(model, count))
 
 
 def _hf_source(args, device: str, dtype: torch.dtype) -> Source:
