@@ -2,6 +2,7 @@
 evaluation runner, and the report's Table-I columns."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -13,7 +14,7 @@ from transformers import PreTrainedTokenizerFast
 from adatoken.cli import main
 from adatoken.eval.boxes import box_iou
 from adatoken.eval.report import _task_scores
-from adatoken.testbed.answerer import TestbedAnswerer, load_testbed_task
+from adatoken.testbed.answerer import TestbedAnswerer, as_sample, load_testbed_task
 from adatoken.testbed.data import load_split, split_seeds
 from adatoken.testbed.model import ModelConfig, TestbedModel, load
 from adatoken.testbed.questions import point_box_distance
@@ -31,10 +32,10 @@ from adatoken.testbed.train import TrainConfig, extend_vocabulary, training_batc
 
 def test_a_box_survives_its_words_to_the_nearest_decimetre():
     box = (0.81, 1.234, 0.0, 1.36, 1.77, 0.825)  # xmin, ymin, zmin, xmax, ymax, zmax
-    assert box_words(box) == "8 12 0 14 18 8"
-    assert box_from_words("8 12 0 14 18 8") == [1.1, 1.5, 0.4, 0.6, 0.6, 0.8]  # centre, size
+    assert box_words(box) == "11 15 4 6 5 8"  # centre (1.085, 1.502, 0.4125), size (0.55, 0.536, 0.825)
+    assert box_from_words("11 15 4 6 5 8") == [1.1, 1.5, 0.4, 0.6, 0.5, 0.8]
     assert box_iou(box_from_words(box_words(box)), [1.085, 1.502, 0.4125, 0.55, 0.536, 0.825]) > 0.75
-    for bad in ("8 12 0 14 18", "8 12 0 14 18 8 9", "8 12 zero 14 18 8", "8 12 0 7 18 8", "8 12 0 14 18 71"):
+    for bad in ("8 12 0 14 18", "8 12 0 14 18 8 9", "8 12 zero 14 18 8", "8 12 0 14 18 71"):
         assert box_from_words(bad) is None, bad
 
 
@@ -71,8 +72,7 @@ def test_captions_say_colour_class_and_the_clearly_nearest_object():
         for q in captioning_questions(scene):
             obj = scene.objects[q.referents[0]]
             assert q.answer.startswith(f"{obj.colour} {obj.cls}")
-            point = np.array([float(w) for w in q.question.removeprefix("Describe the object at ").rstrip(".").split()])
-            assert np.abs(point / 10 - obj.centre).max() <= 0.05 + 1e-9
+            assert q.question == "Describe the clicked object." and np.allclose(q.click, obj.centre)
             if len(q.referents) == 2:
                 assert q.answer.endswith(f"next to the {scene.objects[q.referents[1]].cls}")
             else:
@@ -99,8 +99,9 @@ def _corners(box):
 def test_extending_the_vocabulary_keeps_what_the_model_computed():
     cfg = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, position_hidden=16)
     model = TestbedModel.create(cfg, seed=1).eval()
-    # a model made before the task words existed: the QA vocabulary only, the words before "object"
-    qa_size = vocabulary().index("object")
+    # a model made before the task words existed: the QA vocabulary only, the words before "clicked" (the first
+    # task word: they are appended in sorted order, then the coordinate words)
+    qa_size = vocabulary().index("clicked")
     model.llm.resize_token_embeddings(qa_size, mean_resizing=False)
     backend = json.loads(model.tokenizer.backend_tokenizer.to_str())
     backend["model"]["vocab"] = {w: i for w, i in backend["model"]["vocab"].items() if i < qa_size}
@@ -117,6 +118,25 @@ def test_extending_the_vocabulary_keeps_what_the_model_computed():
     coordinate = rows[-71:]  # "0" .. "70": neighbours start alike, far values do not
     cosine = torch.nn.functional.cosine_similarity
     assert cosine(coordinate[30], coordinate[31], dim=0) > 0.9 > cosine(coordinate[30], coordinate[60], dim=0)
+
+
+def test_a_click_puts_its_point_into_the_click_word():
+    cfg = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, position_hidden=16)
+    model = TestbedModel.create(cfg, seed=0).eval()
+    torch.nn.init.normal_(model.encoder.position_mlp[-1].weight)  # a trained-like position embedding, not zero
+    (record,) = load_testbed_task("captioning", num_scenes=1)[:1]
+    sample = as_sample(record)
+    moved = dataclasses.replace(sample, click=(sample.click[0] + 2.0, *sample.click[1:]))
+    here, there = (model.build_inputs([s])["inputs_embeds"][0] for s in (sample, moved))
+    click = model.tokenizer.convert_tokens_to_ids("clicked")
+    dialogue = model.tokenizer(record.question, add_special_tokens=False)["input_ids"]
+    at = here.shape[0] - (len(dialogue) + 1) + dialogue.index(click) - 1  # "USER:" before, "ASSISTANT:" after
+    assert not torch.allclose(here[at], there[at])  # the click word's embedding depends on the point
+    same = torch.ones(here.shape[0], dtype=torch.bool)
+    same[at] = False
+    torch.testing.assert_close(here[same], there[same])  # and nothing else does
+    with pytest.raises(ValueError, match="1 click words .* but 0 click points"):
+        model.build_inputs([dataclasses.replace(sample, click=None)])
 
 
 def test_training_dialogues_carry_grounding_and_captioning_turns():
@@ -145,10 +165,10 @@ def test_the_testbed_answerer_turns_coordinate_words_into_a_box():
         llm = None
 
         def answer(self, samples, max_new_tokens, batch_size):
-            return ["8 12 0 14 18 8", "8 12", "red chair"][:len(samples)]
+            return ["11 15 4 6 5 8", "8 12", "red chair"][:len(samples)]
 
     records = load_testbed_task("grounding", num_scenes=1)[:2] + load_testbed_task("captioning", num_scenes=1)[:1]
-    assert TestbedAnswerer(Words()).answer(records, 8) == ["[1.10, 1.50, 0.40, 0.60, 0.60, 0.80]", "8 12", "red chair"]
+    assert TestbedAnswerer(Words()).answer(records, 8) == ["[1.10, 1.50, 0.40, 0.60, 0.50, 0.80]", "8 12", "red chair"]
 
 
 def test_report_scores_boxes_and_captions_as_table_one():

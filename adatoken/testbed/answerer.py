@@ -63,6 +63,8 @@ def load_testbed_task(task: str, path: str | Path | None = None, split: str = "t
         obj = s.scene.objects[question_object(question)]
         box = [*(float(v) for v in obj.centre), *(float(v) for v in obj.size)]
         extra = {"scene_seed": s.scene_seed, "split": split, "box": box, "object_id": obj.object_id}
+        if s.click is not None:
+            extra["click"] = list(s.click)
         answers = list(s.answers)
         if task == "grounding":
             extra["subset"] = "unique" if s.scene.count(obj.cls) == 1 else "multiple"
@@ -85,7 +87,8 @@ def as_sample(record: QARecord):
         raise ValueError(f"the testbed model answers only testbed questions (--dataset testbed); "
                          f"question {record.question_id!r} has no scene_seed")
     return QASample(record.question_id, record.scene_id, record.extra["scene_seed"], record.question,
-                    tuple(record.answers), record.qtype)
+                    tuple(record.answers), record.qtype,
+                    tuple(record.extra["click"]) if "click" in record.extra else None)
 
 
 class TestbedAnswerer:

@@ -35,6 +35,7 @@ class QASample:
     question: str
     answers: tuple[str, ...]
     qtype: str
+    click: tuple[float, float, float] | None = None  # the point a captioning question clicks (referring.CLICK)
 
     @property
     def scene(self) -> Scene:
@@ -84,6 +85,6 @@ def load_task_split(split: str, task: str, num_scenes: int | None = None, per_sc
         scene_id = scene_for_seed(seed).scene_id
         visible = visible_objects(spatial_tokens_for_seed(seed, cfg))
         for k, q in enumerate(task_questions(scene_for_seed(seed), visible, rng, {task: per_scene})):
-            sample = QASample(f"{split}-{scene_id}-{task}-{k}", scene_id, seed, q.question, (q.answer,), task)
+            sample = QASample(f"{split}-{scene_id}-{task}-{k}", scene_id, seed, q.question, (q.answer,), task, q.click)
             samples.append((sample, q))
     return samples

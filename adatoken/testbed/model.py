@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from adatoken.testbed.referring import CLICK
 from adatoken.testbed.scenes import CLASS_NAMES, COLOURS
 from adatoken.testbed.spatial import (
     SURFACE_CLASSES,
@@ -105,11 +106,19 @@ class SpatialEncoder(nn.Module):
         nn.init.zeros_(self.position_mlp[-1].weight)
         nn.init.zeros_(self.position_mlp[-1].bias)
 
-    def forward(self, features: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    def position(self, points: torch.Tensor) -> torch.Tensor:
+        """The learned 3D position embedding of metre points [..., 3]."""
         p = scaled_position(points)
         angles = p @ self.frequencies
-        position = self.position_mlp(torch.cat([p, torch.cos(angles), torch.sin(angles)], -1))
-        return self.norm(self.feature_proj(features) + position)
+        return self.position_mlp(torch.cat([p, torch.cos(angles), torch.sin(angles)], -1))
+
+    def forward(self, features: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.feature_proj(features) + self.position(points))
+
+    def click(self, word: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+        """A click prompt: the click word's embedding plus the point's position embedding, normalised as spatial
+        tokens are (LLaVA-3D encodes clicks with the 3D position encoding of its spatial tokens)."""
+        return self.norm(word + self.position(points))
 
 
 @torch.no_grad()
@@ -186,9 +195,11 @@ class TestbedModel(nn.Module):
         return spatial_tokens_for_seed(sample.scene_seed, self.spatial_config)
 
     def embed(self, spatial: Sequence[SpatialTokens], dialogues: Sequence[list[int]],
-              answer_flags: Sequence[list[bool]] | None = None, padding_side: str = "left") -> dict[str, torch.Tensor]:
+              answer_flags: Sequence[list[bool]] | None = None, padding_side: str = "left",
+              clicks: Sequence[Sequence[Sequence[float]]] | None = None) -> dict[str, torch.Tensor]:
         """Embed `system | spatial | dialogue` per sample and pad to one length. With `answer_flags`, also
-        returns `labels` (dialogue ids where the flag is set, -100 elsewhere) for training."""
+        returns `labels` (dialogue ids where the flag is set, -100 elsewhere) for training. `clicks`: per sample,
+        the point of each click word in its dialogue, in order (referring.CLICK; SpatialEncoder.click)."""
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         embed_tokens = self.llm.get_input_embeddings()
@@ -199,6 +210,7 @@ class TestbedModel(nn.Module):
             features = torch.from_numpy(tokens.features).to(device)
             points = torch.from_numpy(tokens.points).to(device)
             text = embed_tokens(torch.tensor(dialogue, dtype=torch.long, device=device))
+            text = self._with_clicks(dialogue, text, clicks[i] if clicks is not None else ())
             rows.append(torch.cat([system, self.encoder(features, points), text]))
             spatial_rows.append([False] * len(system) + [True] * len(tokens) + [False] * len(dialogue))
             if answer_flags is not None:
@@ -222,13 +234,26 @@ class TestbedModel(nn.Module):
             out["labels"] = labels
         return out
 
+    def _with_clicks(self, dialogue: list[int], text: torch.Tensor, points: Sequence[Sequence[float]]) -> torch.Tensor:
+        click_id = self.tokenizer.convert_tokens_to_ids(CLICK)
+        at = [i for i, token in enumerate(dialogue) if token == click_id and click_id != self.tokenizer.unk_token_id]
+        if len(at) != len(points):
+            raise ValueError(f"a dialogue has {len(at)} click words ({CLICK!r}) but {len(points)} click points")
+        if not at:
+            return text
+        where = torch.tensor(points, dtype=text.dtype, device=text.device)
+        text = text.clone()
+        text[at] = self.encoder.click(text[at], where)
+        return text
+
     def build_inputs(self, samples: Sequence) -> dict[str, torch.Tensor]:
         """Left-padded prompts ending at `ASSISTANT:`: inputs_embeds [B,S,H], attention_mask [B,S] long,
         spatial_mask [B,S] bool (True exactly at the spatial tokens), spatial_points [B,S,3] float (each spatial
         token's 3D point, zero elsewhere: what `coverage` selects by)."""
         dialogues = [dialogue_ids(self.tokenizer, [(s.question, None)])[0] for s in samples]
         spatial = [self.spatial_tokens(s) for s in samples]
-        inputs = self.embed(spatial, dialogues, padding_side="left")
+        clicks = [[s.click] if getattr(s, "click", None) is not None else [] for s in samples]
+        inputs = self.embed(spatial, dialogues, padding_side="left", clicks=clicks)
         mask = inputs["spatial_mask"]
         points = torch.zeros(*mask.shape, 3, device=mask.device)
         for b, tokens in enumerate(spatial):

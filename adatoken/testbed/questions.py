@@ -37,6 +37,7 @@ class Question:
     question: str
     answer: str
     referents: tuple[int, ...]  # ids of the objects the answer depends on (they must be visible to answer it)
+    click: tuple[float, float, float] | None = None  # a point the question clicks (referring.CLICK), in metres
 
 
 def unique_classes(scene: Scene) -> list[str]:

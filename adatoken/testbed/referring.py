@@ -1,18 +1,22 @@
 """The testbed's 3D grounding and dense captioning tasks, in the style of ScanRefer and Scan2Cap (the paper's Table I).
 
 - grounding: "Where is the {referring expression}?" answered with the object's box as six coordinate words,
-  "xmin ymin zmin xmax ymax zmax" in decimetres ("30 12 0 35 17 9"). An expression names one object: its class
-  when the scene has one of them ("the bed"), class and colour when only one of its class has that colour ("the
-  red chair"), or class and the unique object it is closest to ("the chair closest to the bed", which must win
-  by RELATION_MARGIN over every other object of its class).
-- dense captioning: "Describe the object at {cx cy cz}." (its centre, in decimetres) answered with a templated
+  "cx cy cz dx dy dz" (centre and size) in decimetres ("32 15 4 5 5 9"). An expression names one object: its
+  class when the scene has one of them ("the bed"), class and colour when only one of its class has that colour
+  ("the red chair"), or class and the unique object it is closest to ("the chair closest to the bed", which must
+  win by RELATION_MARGIN over every other object of its class).
+- dense captioning: "Describe the clicked object." with a click at the object's centre, answered with a templated
   caption, "{colour} {class}" and, where one object of another class is clearly nearest, "next to the {class}".
+  The click is the word CLICK whose embedding also carries the point's 3D position embedding (model.py), as
+  LLaVA-3D encodes a click prompt with the 3D position encoding its spatial tokens have: the model finds the object
+  by matching positions, which it already does for spatial tokens.
 
 Why coordinate words and not a box head: LLaVA-3D grounds with a decoder on a location token, but the testbed's
-answers all go through `generate` and exact text, so a box as words is scored by the same runner, pruned by the
-same runtime and needs no second output path; the captioning prompt needs coordinates as words anyway. Decimetres
-over whole rooms take 71 words (0..70) and cost little: rounding a true box's corners to them keeps
-Acc@0.5 at 0.95 on the test scenes (the rest: the smallest objects), so the task's ceiling is the model's.
+answers all go through `generate` and exact text, so a box as words is scored by the same runner and pruned by the
+same runtime, with no second output path. Centre and size rather than corners: the centre is where an object is
+(what the grounding heads already teach the model to fetch) and the size mostly what its class is. Decimetres over
+whole rooms take 71 words (0..70); rounding a true box's centre and size to them keeps Acc@0.5 at 0.86 on the test
+scenes (the rest: the smallest objects), so the task's ceiling is the model's, not the words'.
 """
 from __future__ import annotations
 
@@ -27,7 +31,8 @@ TASKS_3D = ("grounding", "captioning")
 COORDINATE_STEP = 0.1  # metres per coordinate word
 COORDINATE_WORDS = tuple(str(i) for i in range(71))  # 0 .. 7.0 m: the largest room is 7 m wide
 WHERE = "Where is the {x}?"
-DESCRIBE_AT = "Describe the object at {p}."
+CLICK = "clicked"  # the word that carries a click's position (model.TestbedModel.embed)
+DESCRIBE_CLICKED = f"Describe the {CLICK} object."
 CLOSEST_TO = "{x} closest to the {y}"
 NEXT_TO = "{c} next to the {y}"
 
@@ -39,20 +44,18 @@ def coordinates(values: Sequence[float]) -> str:
 
 
 def box_words(box: Sequence[float]) -> str:
-    """A scene box (xmin, ymin, zmin, xmax, ymax, zmax in metres) as the grounding answer."""
-    return coordinates(box)
+    """A scene box (xmin, ymin, zmin, xmax, ymax, zmax in metres) as the grounding answer: centre, then size."""
+    low, high = np.asarray(box[:3], dtype=float), np.asarray(box[3:], dtype=float)
+    return coordinates([*(low + high) / 2, *(high - low)])
 
 
 def box_from_words(text: str) -> list[float] | None:
     """A grounding answer back to a box as eval.boxes reads one ([cx, cy, cz, dx, dy, dz] in metres); None unless
-    the answer is exactly six coordinate words with every max >= its min."""
+    the answer is exactly six coordinate words."""
     words = text.split()
     if len(words) != 6 or not all(w in COORDINATE_WORDS for w in words):
         return None
-    corners = np.array([int(w) for w in words], dtype=float).reshape(2, 3) * COORDINATE_STEP
-    if (corners[1] < corners[0]).any():
-        return None
-    return [round(float(v), 3) for v in (*(corners[0] + corners[1]) / 2, *(corners[1] - corners[0]))]
+    return [round(int(w) * COORDINATE_STEP, 3) for w in words]
 
 
 def grounding_questions(scene: Scene) -> list[Question]:
@@ -91,8 +94,8 @@ def captioning_questions(scene: Scene) -> list[Question]:
     for obj in scene.objects:
         nearest = closest_object(scene, obj)
         referents = (obj.object_id,) if nearest is None else (obj.object_id, nearest.object_id)
-        questions.append(Question("captioning", DESCRIBE_AT.format(p=coordinates(obj.centre)), caption(scene, obj),
-                                  referents))
+        questions.append(Question("captioning", DESCRIBE_CLICKED, caption(scene, obj), referents,
+                                  click=tuple(float(v) for v in obj.centre)))
     return questions
 
 

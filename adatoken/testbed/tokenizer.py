@@ -12,7 +12,7 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from adatoken.testbed.questions import DESCRIBE, NUMBER_WORDS, SIDE_ASK, SITUATED_ASKS, SITUATION, TEMPLATES
-from adatoken.testbed.referring import CLOSEST_TO, COORDINATE_WORDS, DESCRIBE_AT, NEXT_TO, WHERE
+from adatoken.testbed.referring import CLOSEST_TO, COORDINATE_WORDS, DESCRIBE_CLICKED, NEXT_TO, WHERE
 from adatoken.testbed.scenes import CLASSES, COLOURS
 
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
@@ -27,7 +27,7 @@ def words(text: str) -> list[str]:
 
 
 def _template_words(texts: list[str]) -> set[str]:
-    return {w for t in texts for w in words(t.replace("{", " ").replace("}", " "))} - {"x", "xs", "y", "z", "c", "p"}
+    return {w for t in texts for w in words(t.replace("{", " ").replace("}", " "))} - {"x", "xs", "y", "z", "c"}
 
 
 def vocabulary() -> list[str]:
@@ -38,7 +38,7 @@ def vocabulary() -> list[str]:
     texts += [t for group in TEMPLATES.values() for t in group]
     texts += [name for cls, spec in CLASSES.items() for name in (cls, spec.plural)]
     qa = sorted(_template_words(texts))
-    tasks_3d = sorted(_template_words([WHERE, DESCRIBE_AT, CLOSEST_TO, NEXT_TO]) - set(qa))
+    tasks_3d = sorted(_template_words([WHERE, DESCRIBE_CLICKED, CLOSEST_TO, NEXT_TO]) - set(qa))
     return [PAD, UNK, BOS, EOS] + qa + tasks_3d + list(COORDINATE_WORDS)
 
 

@@ -111,7 +111,7 @@ def training_batch(model: TestbedModel, cfg: TrainConfig, step: int) -> dict[str
     `<head>_rows`/`<head>_cols` index the batch and `<head>_positions` are the floor positions there."""
     seeds = split_seeds("train", cfg.scene_pool)
     per_type = {t: cfg.geometry_per_type if t in ("relation", "situated") else cfg.per_type for t in QUESTION_TYPES}
-    spatial, dialogues, flags = [], [], []
+    spatial, dialogues, flags, clicks = [], [], [], []
     grounding = {head: ([], [], []) for head in GROUNDING_HEADS}  # rows, cols, positions
     for b in range(cfg.batch_size):
         scene_seed = seeds[(step * cfg.batch_size + b) % len(seeds)]
@@ -131,6 +131,7 @@ def training_batch(model: TestbedModel, cfg: TrainConfig, step: int) -> dict[str
         spatial.append(seen)
         dialogues.append(ids)
         flags.append(is_answer)
+        clicks.append([q.click for q in questions if q.click is not None])  # in turn order, as the click words
         offset = len(system_ids(model.tokenizer)) + len(seen)  # where the dialogue starts in the padded row
         for head, (indices, positions) in grounding_targets(scene, visible, questions, ids, is_answer,
                                                             model.tokenizer).items():
@@ -138,7 +139,7 @@ def training_batch(model: TestbedModel, cfg: TrainConfig, step: int) -> dict[str
             rows += [b] * len(indices)
             cols += [offset + i for i in indices]
             floor += positions
-    batch = model.embed(spatial, dialogues, flags, padding_side="right")
+    batch = model.embed(spatial, dialogues, flags, padding_side="right", clicks=clicks)
     for head, (rows, cols, floor) in grounding.items():
         batch[f"{head}_rows"] = torch.tensor(rows, dtype=torch.long)
         batch[f"{head}_cols"] = torch.tensor(cols, dtype=torch.long)
