@@ -16,6 +16,7 @@ from adatoken.eval.boxes import box_iou
 from adatoken.eval.report import _task_scores
 from adatoken.testbed.answerer import TestbedAnswerer, as_sample, load_testbed_task
 from adatoken.testbed.data import load_split, split_seeds
+from adatoken.testbed.model import SHIPPED_CHECKPOINT as SHIPPED
 from adatoken.testbed.model import ModelConfig, TestbedModel, load
 from adatoken.testbed.questions import point_box_distance
 from adatoken.testbed.referring import (
@@ -192,12 +193,18 @@ def test_report_scores_boxes_and_captions_as_table_one():
     assert captioning["bleu_4@0.5"].value > 0.4
 
 
-def test_eval_runs_the_testbed_grounding_set(tmp_path):
+def test_eval_runs_the_testbed_grounding_set(tmp_path, capsys):
     out = tmp_path / "eval"
     args = ["eval", "--dataset", "testbed-grounding", "--methods", "none", "fastv", "--retentions", "0.4",
             "--limit", "4", "--batch-size", "4", "--max-new-tokens", "7", "--out", str(out), "--no-progress"]
-    assert main(args) == 0
+    # a checkpoint trained before the tasks existed (the QA vocabulary only) is refused, not scored 0 in silence
+    assert main([*args, "--checkpoint", str(SHIPPED)]) == 2
+    assert "was not trained on grounding" in capsys.readouterr().err
+    cfg = ModelConfig(hidden_size=32, num_layers=8, num_heads=2, intermediate_size=64, position_hidden=16)
+    TestbedModel.create(cfg, seed=0).save(tmp_path / "untrained")  # the task vocabulary, random weights
+    assert main([*args, "--checkpoint", str(tmp_path / "untrained"), "--fresh"]) == 0
     report = json.loads((out / "report.json").read_text())
+    assert [row["skipped"] for row in report["rows"]] == [None, None]
     assert all(set(row["grounding"]) >= {"acc@0.25", "acc@0.5"} for row in report["rows"])
     assert "## 3D grounding (n=4)" in (out / "report.md").read_text()
     predictions = [json.loads(line) for line in (out / "predictions" / "rank0.jsonl").open()]

@@ -99,8 +99,14 @@ class TestbedAnswerer:
         self.llm = model.llm
 
     def answer(self, records: Sequence[QARecord], max_new_tokens: int) -> list[str]:
-        from adatoken.testbed.referring import box_from_words
+        from adatoken.testbed.referring import CLICK, box_from_words
 
+        tasks = sorted({r.qtype for r in records} & {"grounding", "captioning"})
+        if tasks and CLICK not in self.model.tokenizer.get_vocab():
+            raise ValueError(f"this testbed checkpoint was not trained on {' and '.join(tasks)}: its vocabulary has no "
+                             "click or coordinate words, so every answer would score 0. Fine-tune it first: adatoken "
+                             "testbed train --finetune-from CHECKPOINT --grounding-turns 6 --captioning-turns 4 "
+                             "(README, the testbed)")
         samples = [as_sample(r) for r in records]
         answers = self.model.answer(samples, max_new_tokens=max_new_tokens, batch_size=len(samples))
         # A grounding answer is six coordinate words; the runner scores boxes as text (eval.boxes.parse_box).
