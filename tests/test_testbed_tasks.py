@@ -164,6 +164,7 @@ def test_testbed_task_sets_are_big_enough_and_boxed():
 def test_the_testbed_answerer_turns_coordinate_words_into_a_box():
     class Words:
         llm = None
+        tokenizer = build_tokenizer()  # the task vocabulary: a model trained on the tasks
 
         def answer(self, samples, max_new_tokens, batch_size):
             return ["11 15 4 6 5 8", "8 12", "red chair"][:len(samples)]
