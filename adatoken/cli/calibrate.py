@@ -52,14 +52,12 @@ from adatoken.calibration.sweep import BUILTIN_METRICS, DROP_RATIOS, RANKINGS, s
 from adatoken.cli.common import check_device, check_positive
 from adatoken.core import models
 from adatoken.core.schedule import MIN_KEEP
+from adatoken.eval.hf import IMAGE_SETS
 
 SYNTHETIC_MODELS = ("tiny-llama", "tiny-qwen2")
 QUESTION_MODELS = ("testbed", "hf")  # sources with real questions and reference answers
 MODELS = (*QUESTION_MODELS, *SYNTHETIC_MODELS)
 DTYPES = ("float32", "bfloat16", "float16")
-# the image-question formats `adatoken eval --model hf` reads -> the options naming files each reads beside --data,
-# and whether the option is required (TextVQA's images default to train_images/ beside its file, LLaVA's layout)
-HF_DATASETS = {"jsonl": {}, "vqav2": {"answers": True, "images": True}, "textvqa": {"images": False}}
 HF_ONLY = ("dataset", "data", "answers", "images")  # options only --model hf reads (--checkpoint: hf and testbed)
 SYNTHETIC_SPATIAL = 256  # spatial tokens per synthetic sample unless --spatial-tokens says otherwise
 # --metric em with --model hf answers as `adatoken eval --model hf` does by default
@@ -158,7 +156,7 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     hf = parser.add_argument_group("--model hf (the image-question formats `adatoken eval --model hf` reads)")
     hf.add_argument("--checkpoint", type=Path, help="hf: a local folder with the model and its processor; testbed: a "
                                                     "testbed checkpoint folder (default: the shipped one)")
-    hf.add_argument("--dataset", choices=list(HF_DATASETS), help="question set format (default: jsonl)")
+    hf.add_argument("--dataset", choices=list(IMAGE_SETS), help="question set format (default: jsonl)")
     hf.add_argument("--data", type=Path, help="the questions: a JSONL of {question_id, image, question, answers}, "
                                               "VQAv2's questions file or TextVQA's annotation file")
     hf.add_argument("--answers", type=Path, help="vqav2: the annotations file")
@@ -222,7 +220,7 @@ def _check_source_args(args) -> None:
                              "question, answers} a line), or --dataset vqav2 --data QUESTIONS.json --answers "
                              "ANNOTATIONS.json --images FOLDER, or --dataset textvqa --data TextVQA_0.5.1_val.json "
                              "[--images FOLDER]")
-        reads = HF_DATASETS[args.dataset]
+        reads = IMAGE_SETS[args.dataset]
         stray = [f"--{name}" for name in ("answers", "images") if getattr(args, name) is not None and name not in reads]
         if stray:
             raise ValueError(f"{', '.join(stray)}: not read by --dataset {args.dataset}"
@@ -259,7 +257,7 @@ def _hf_source(args, device: str, dtype: torch.dtype) -> Source:
     model = model.to(dtype)
     model.set_attn_implementation(args.attn)
     spatial_ids = adapters.resolve(model).spatial_token_ids  # never empty: the loader refuses other families
-    options = {name: getattr(args, name) for name in HF_DATASETS[args.dataset]}
+    options = {name: getattr(args, name) for name in IMAGE_SETS[args.dataset]}
     records = select_subset(load_dataset(args.dataset, args.data, **options), args.num_samples, args.seed)
     samples = []
     for record in records:

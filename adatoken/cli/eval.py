@@ -23,6 +23,7 @@ from adatoken.cli.common import check_device, reproducing_command
 from adatoken.core import adapters
 from adatoken.eval import metrics as eval_metrics
 from adatoken.eval.datasets import LOADERS, QARecord, load_dataset
+from adatoken.eval.hf import IMAGE_SETS
 from adatoken.eval.report import summarize, write_report
 from adatoken.eval.runner import ANSWERERS, default_methods, evaluate, load_schedules, select_subset, sweep_configs
 
@@ -140,7 +141,6 @@ def _device(name: str) -> torch.device:
 
 
 # the testbed's question sets: its QA questions, and its 3D grounding and dense captioning (Table I) questions
-HF_SETS = ("jsonl", "vqav2", "textvqa")  # image question sets, what --model hf answers
 TESTBED_SETS = ("testbed", "testbed-grounding", "testbed-captioning")
 LLAVA3D_OPTIONS = {"video_folder": "--video-folder", "conv_mode": "--conv-mode", "greedy": "--greedy"}
 HF_OPTIONS = {"prompt_suffix": "--prompt-suffix"}
@@ -166,7 +166,7 @@ def _check_args(args) -> None:
         raise ValueError("pass --retentions or --final-keeps, not both: they are two readings of one budget")
     if not args.final_keeps:
         args.retentions = args.retentions or DEFAULT_RETENTIONS
-    if args.model == "hf" and (args.checkpoint is None or args.dataset not in HF_SETS):
+    if args.model == "hf" and (args.checkpoint is None or args.dataset not in IMAGE_SETS):
         raise ValueError("--model hf answers image questions from a local checkpoint: pass --checkpoint PATH and "
                          "--dataset jsonl --data QUESTIONS.jsonl (one {question_id, image, question, answers} a line) "
                          "or --dataset vqav2 --data QUESTIONS.json --answers ANNOTATIONS.json --images FOLDER "

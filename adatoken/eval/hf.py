@@ -23,6 +23,10 @@ import torch
 from adatoken.eval.datasets import QARecord
 from adatoken.eval.runner import register_answerer
 
+# The image question sets --model hf answers -> the files each reads besides --data, and whether each is required
+# (TextVQA's images default to train_images/ beside its file, LLaVA's layout). eval and analyze/sweep share it.
+IMAGE_SETS = {"jsonl": {}, "vqav2": {"answers": True, "images": True}, "textvqa": {"images": False}}
+
 
 class HFAnswerer:
     def __init__(self, model, processor, device: torch.device, prompt_suffix: str | None = None):
