@@ -1,5 +1,6 @@
 """`adatoken demo` end to end on a tiny testbed checkpoint: the report folder, skip reasons, and stage reuse."""
 import json
+import shutil
 
 import pytest
 import torch
@@ -18,7 +19,8 @@ from adatoken.testbed.spatial import SpatialConfig
 RETENTIONS = ["0.05", "0.4"]
 FIGURES = ["group_attention.png", "information_flow.png", "redundancy.png", "accuracy_vs_flops.png",
            "retention_per_layer.png", "speedup_vs_flops.png"]
-STAGES = ["flow", "fit", "questions", "eval", "bench testbed", "bench llava3d-mini", "figures"]
+STAGES = ["flow", "fit", "questions", "eval", "questions grounding", "eval grounding", "questions captioning",
+          "eval captioning", "bench testbed", "bench llava3d-mini", "figures"]
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +49,7 @@ def small_demo(monkeypatch):
 
 def run_demo(checkpoint, out, *extra) -> dict:
     assert main(["demo", "--checkpoint", str(checkpoint), "--out", str(out), "--questions", "6",
-                 "--calib-questions", "2", "--retentions", *RETENTIONS, "--batch-size", "3",
+                 "--calib-questions", "2", "--task-questions", "4", "--retentions", *RETENTIONS, "--batch-size", "3",
                  "--bench-spatial", "32", "--bench-repeats", "1", "--no-progress", *extra]) == 0
     return json.loads((out / "report.json").read_text())
 
@@ -81,6 +83,13 @@ def test_demo_writes_the_report_and_reuses_its_stages(checkpoint, tmp_path, caps
     assert all(f"]({name})" in markdown for name in FIGURES)
     assert "no schedule could be fitted" in markdown and first["reading"]
     assert set(first["bench"]) == {"testbed (24 layers)", "LLaVA-3D-proportioned (8 layers, hidden 32)"}
+    # Table I: the same configs on the grounding and captioning sets, scored by box IoU and CIDEr
+    grounding = {row["key"]: row for row in first["tasks"]["grounding"]["rows"]}
+    captioning = {row["key"]: row for row in first["tasks"]["captioning"]["rows"]}
+    assert set(grounding) == set(captioning) == set(rows)
+    assert grounding["none"]["grounding"]["acc@0.5"]["n"] == 4 and grounding["fastv@0.05"]["skipped"]
+    assert captioning["adatoken3d@0.4"]["captioning"]["cider@0.5"]["n"] == 4
+    assert "## Table I" in markdown and "### 3D grounding (n=4)" in markdown and "### Dense captioning" in markdown
     printed = capsys.readouterr().out
     assert "EM % [95 % Wilson]" in printed and "skipped: " in printed
 
@@ -93,12 +102,27 @@ def test_demo_writes_the_report_and_reuses_its_stages(checkpoint, tmp_path, caps
     # a setting the flow depends on: flow, fit and the adatoken3d predictions are computed again
     changed = run_demo(checkpoint, out, "--calib-questions", "3")
     assert reused(changed) == {"flow": False, "fit": False, "questions": True, "eval": False,
-                               "bench testbed": False, "bench llava3d-mini": True, "figures": False}
+                               "questions grounding": True, "eval grounding": False, "questions captioning": True,
+                               "eval captioning": False, "bench testbed": False, "bench llava3d-mini": True,
+                               "figures": False}
     assert changed["flow"]["num_samples"] == 3
 
-    fresh = run_demo(checkpoint, out, "--fresh", "--skip-bench")
+    fresh = run_demo(checkpoint, out, "--fresh", "--skip-bench", "--task-questions", "0")
     assert not any(fresh["stages"][stage]["reused"] for stage in ("flow", "fit", "questions", "eval", "figures"))
     assert fresh["bench"] == {} and "--skip-bench" in (out / "report.md").read_text()
+    assert fresh["tasks"] == {} and "Table I: not run (--task-questions 0)" in (out / "report.md").read_text()
+
+
+def test_table_one_says_why_a_checkpoint_never_trained_on_the_tasks_has_none(checkpoint, tmp_path, capsys):
+    qa_only = tmp_path / "qa-only"
+    shutil.copytree(checkpoint, qa_only)
+    tokenizer = json.loads((qa_only / "tokenizer.json").read_text())
+    del tokenizer["model"]["vocab"]["clicked"]
+    (qa_only / "tokenizer.json").write_text(json.dumps(tokenizer))
+    demo = stages.Demo(stages.DemoOptions(checkpoint=str(qa_only), out=str(tmp_path / "out")))
+    tasks, note = demo.table_one([])
+    assert tasks == {} and "never trained on 3D grounding and dense captioning" in note
+    assert "--finetune-from" in note and note in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("option, value, message", [

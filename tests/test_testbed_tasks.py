@@ -20,6 +20,7 @@ from adatoken.testbed.model import SHIPPED_CHECKPOINT as SHIPPED
 from adatoken.testbed.model import ModelConfig, TestbedModel, load
 from adatoken.testbed.questions import point_box_distance
 from adatoken.testbed.referring import (
+    COORDINATE_WORDS,
     RELATION_MARGIN,
     box_from_words,
     box_words,
@@ -28,7 +29,7 @@ from adatoken.testbed.referring import (
 )
 from adatoken.testbed.scenes import scene_for_seed
 from adatoken.testbed.tokenizer import build_tokenizer, vocabulary
-from adatoken.testbed.train import TrainConfig, extend_vocabulary, training_batch
+from adatoken.testbed.train import TrainConfig, answer_loss, calib_task_scores, extend_vocabulary, training_batch
 
 
 def test_a_box_survives_its_words_to_the_nearest_decimetre():
@@ -148,6 +149,38 @@ def test_training_dialogues_carry_grounding_and_captioning_turns():
     answers = model.tokenizer.decode([t for t in batch["labels"][0].tolist() if t >= 0])
     assert sum(box_from_words(a) is not None for a in answers.split("</s>")) == 2  # two boxes
     assert len(batch["answer_rows"]) >= 2 * 4  # the answer head regresses each task question's object
+
+
+def test_the_answer_loss_is_the_models_own_and_soft_only_on_coordinate_words():
+    cfg = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, position_hidden=16)
+    model = TestbedModel.create(cfg, seed=0)
+    batch = training_batch(model, TrainConfig(batch_size=2, per_type=1, grounding_turns=2, model=cfg), step=3)
+    ids = torch.tensor(model.tokenizer.convert_tokens_to_ids(list(COORDINATE_WORDS)))
+    with torch.no_grad():
+        out = model.llm(inputs_embeds=batch["inputs_embeds"], labels=batch["labels"])
+    torch.testing.assert_close(answer_loss(out.logits, batch["labels"], ids, 0.0), out.loss)  # sigma 0: HF's loss
+    # one position, one label: the soft loss of "32" is lowest when the model says 32, rises with the distance
+    # to it, and does not care for a non-coordinate label
+    labels = torch.tensor([[-100, int(ids[32])]])
+    loss = {}
+    for said in (32, 33, 40):
+        logits = torch.full((1, 2, len(model.tokenizer)), -20.0)
+        logits[0, 0, ids[said]] = 20.0
+        loss[said] = answer_loss(logits, labels, ids, 1.5).item()
+    assert loss[32] < loss[33] < loss[40]
+    word = torch.tensor([[-100, model.tokenizer.convert_tokens_to_ids("red")]])
+    torch.testing.assert_close(answer_loss(logits, word, ids, 1.5), answer_loss(logits, word, ids, 0.0))
+
+
+def test_calib_task_scores_score_boxes_by_iou_and_captions_by_exact_match(monkeypatch):
+    cfg = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, position_hidden=16)
+    model = TestbedModel.create(cfg, seed=0)
+    monkeypatch.setattr(model, "answer", lambda samples, max_new_tokens: [s.answers[0] for s in samples])
+    right = calib_task_scores(model, num_scenes=3)  # the references themselves: boxes to the nearest decimetre
+    assert right["captioning em"] == 1.0 and right["grounding acc@0.25"] == 1.0 >= right["grounding acc@0.5"] > 0.5
+    monkeypatch.setattr(model, "answer", lambda samples, max_new_tokens: ["0 0 0 1 1 1"] * len(samples))
+    assert calib_task_scores(model, num_scenes=3) == {"grounding acc@0.25": 0.0, "grounding acc@0.5": 0.0,
+                                                     "captioning em": 0.0}
 
 
 def test_testbed_task_sets_are_big_enough_and_boxed():

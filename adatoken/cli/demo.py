@@ -20,6 +20,9 @@ def register(subparsers) -> None:
                              "(default: %(default)s)")
     parser.add_argument("--calib-questions", type=int, default=32,
                         help="calibration questions for the information-flow analysis (default: %(default)s)")
+    parser.add_argument("--task-questions", type=int, default=40,
+                        help="grounding expressions and captioned objects for Table I, seeded subsets of the "
+                             "testbed's test sets; 0 leaves Table I out (default: %(default)s)")
     parser.add_argument("--retentions", type=float, nargs="+", default=DEFAULT_RETENTIONS,
                         help="mean spatial retentions over layers (default: 0.1 0.2 0.4 0.6)")
     parser.add_argument("--batch-size", type=int, default=32, help="questions per generate call (default: %(default)s)")

@@ -44,8 +44,12 @@ def register(subparsers) -> None:
                        help="3D grounding turns per dialogue: 'Where is the ...?' answered with a box "
                             "(adatoken/testbed/referring.py; default: recipe's, 0)")
     train.add_argument("--captioning-turns", type=int, default=None,
-                       help="object captioning turns per dialogue: 'Describe the object at x y z.' "
-                            "(default: recipe's, 0)")
+                       help="object captioning turns per dialogue: 'Describe the clicked object.' with a click "
+                            "at the object (default: recipe's, 0)")
+    train.add_argument("--coordinate-sigma", type=float, default=None, metavar="WORDS",
+                       help="learn each coordinate word of a grounding answer against a Gaussian over its neighbours "
+                            "with this standard deviation in words (decimetres) instead of the word alone "
+                            "(default: recipe's, 0: one-hot)")
     train.add_argument("--grounding-layers", type=int, nargs=2, default=None, metavar=("WORD", "ANSWER"),
                        help="hidden_states indices the two grounding heads read (default: recipe's, 1 4; a grown "
                             "model moves them with its layers)")
@@ -99,11 +103,14 @@ def _train(args: argparse.Namespace) -> int:
     for name in ("grounding_turns", "captioning_turns"):
         if getattr(args, name) is not None and getattr(args, name) < 0:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.coordinate_sigma is not None and args.coordinate_sigma < 0:
+        raise SystemExit(f"error: --coordinate-sigma must be >= 0, got {args.coordinate_sigma}")
     if args.grounding is not None and args.grounding < 0:
         raise SystemExit(f"error: --grounding must be >= 0, got {args.grounding}")
     overrides = {k: getattr(args, k) for k in ("steps", "batch_size", "per_type", "geometry_per_type", "lr",
                                                "grounding", "checkpoint_every", "eval_every", "warmup", "grow_from",
-                                               "finetune_from", "grounding_turns", "captioning_turns")
+                                               "finetune_from", "grounding_turns", "captioning_turns",
+                                               "coordinate_sigma")
                  if getattr(args, k) is not None}
     if args.grounding_layers is not None:
         overrides["grounding_layers"] = tuple(args.grounding_layers)

@@ -317,7 +317,7 @@ def to_markdown(rows: list[ReportRow], context: dict) -> str:
                                                      "mean score)")
     else:
         lines += _by_type_table(rows, "em_by_type", "EM by question type (%, 95 % Wilson interval)")
-    lines += _task_tables(rows)
+    lines += task_tables(rows)
     reasons = {f"{NGRAM_SHOWN[n]}: {why}" for r in rows for n, why in r.ngram_unavailable.items()}
     if reasons:
         lines += ["", "Not computed (–): " + "; ".join(sorted(reasons)) + "."]
@@ -346,7 +346,7 @@ def _by_type_table(rows: list[ReportRow], name: str, title: str) -> list[str]:
     return lines
 
 
-def _task_tables(rows: list[ReportRow]) -> list[str]:
+def task_tables(rows: list[ReportRow]) -> list[str]:
     """The paper's Table I columns: grounding Acc@0.25 / Acc@0.5 (and by ScanRefer subset), captioning metric@k."""
     ran = [r for r in rows if r.skipped is None]
     lines = []

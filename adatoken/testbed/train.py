@@ -22,7 +22,7 @@ from transformers import LlamaForCausalLM
 
 from adatoken.core.artifacts import write_atomic
 from adatoken.eval.metrics import exact_match
-from adatoken.testbed.data import load_split, scene_questions, split_seeds, visible_objects
+from adatoken.testbed.data import load_split, load_task_split, scene_questions, split_seeds, visible_objects
 from adatoken.testbed.grounding import GROUNDING_HEADS, GroundingHeads, grounding_targets
 from adatoken.testbed.model import ModelConfig, TestbedModel, load
 from adatoken.testbed.questions import DESCRIBE, QUESTION_TYPES, describe
@@ -61,6 +61,10 @@ class TrainConfig:
     # shipped 6-layer recipe had none, the 32-layer checkpoint learned them in a fine-tune (finetune_from).
     grounding_turns: int = 0
     captioning_turns: int = 0
+    # Coordinate words (a grounding answer's box) are learned against a Gaussian over neighbouring values with this
+    # standard deviation, in words (decimetres), instead of the one word: "31" for a true "32" is then nearly
+    # right, not as wrong as "70", which is what the centre of a box needs to be learned to a decimetre. 0: one-hot.
+    coordinate_sigma: float = 0.0
     # Weight of the auxiliary 3D grounding losses (grounding.py; 0: none) and the hidden_states index each head
     # reads: object words after the first layer (where colour is fetched), answers after the fourth.
     grounding: float = 1.0
@@ -145,6 +149,25 @@ def training_batch(model: TestbedModel, cfg: TrainConfig, step: int) -> dict[str
         batch[f"{head}_cols"] = torch.tensor(cols, dtype=torch.long)
         batch[f"{head}_positions"] = torch.tensor(np.array(floor), dtype=torch.float32).reshape(-1, 2)
     return batch
+
+
+def answer_loss(logits: torch.Tensor, labels: torch.Tensor, coordinate_ids: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Next-token cross-entropy over the labelled (answer) tokens, as LlamaForCausalLM's loss; where the label is a
+    coordinate word and sigma > 0, the target is a Gaussian over the coordinate words around it (their ids are in
+    value order, `coordinate_ids`) instead of the word alone."""
+    logits, labels = logits[:, :-1].float(), labels[:, 1:]
+    answer = labels != -100
+    log_probs = torch.log_softmax(logits[answer], -1)
+    targets = labels[answer]
+    loss = -log_probs.gather(1, targets[:, None])[:, 0]
+    if sigma > 0:
+        value = (targets[:, None] == coordinate_ids.to(targets.device)).float().argmax(1)
+        coordinate = (targets[:, None] == coordinate_ids.to(targets.device)).any(1)
+        if coordinate.any():
+            steps = torch.arange(len(coordinate_ids), device=targets.device, dtype=torch.float32)
+            soft = torch.softmax(-(steps - value[coordinate, None]) ** 2 / (2 * sigma ** 2), -1)
+            loss[coordinate] = -(soft * log_probs[coordinate][:, coordinate_ids.to(targets.device)]).sum(-1)
+    return loss.mean()
 
 
 def grown_layer_starts(depth: int, num_layers: int) -> list[int]:
@@ -234,7 +257,8 @@ def _resume(model: TestbedModel, heads: GroundingHeads, optimizer: torch.optim.O
         return 0, []
     state = torch.load(state_path, weights_only=False)
     not_recipe = ("threads", "eval_every", "export", "out", "export_half")  # settings that do not change training
-    saved = {k: v for k, v in state["config"].items() if k not in not_recipe}
+    # a state saved before a setting existed was trained with that setting's default
+    saved = {k: v for k, v in {**asdict(TrainConfig()), **state["config"]}.items() if k not in not_recipe}
     wanted = {k: v for k, v in asdict(cfg).items() if k not in not_recipe}
     if saved != wanted:
         raise ValueError(f"{state_path} was written by a different training configuration; "
@@ -254,6 +278,28 @@ def calib_accuracy(model: TestbedModel, num_scenes: int = 20) -> dict[str, float
     model.train()
     by_type = {t: float(np.mean([c for c, s in zip(correct, samples) if s.qtype == t])) for t in QUESTION_TYPES}
     return {"overall": float(np.mean(correct)), **by_type}
+
+
+def calib_task_scores(model: TestbedModel, num_scenes: int = 20) -> dict[str, float]:
+    """Greedy 3D grounding Acc@0.25 / Acc@0.5 and captioning exact match on the first calib scenes' task questions
+    (two per scene each): how far a grounding fine-tune has got, logged beside calib_accuracy."""
+    from adatoken.eval.boxes import box_iou
+    from adatoken.testbed.referring import TASKS_3D, box_from_words, question_object
+
+    model.eval()
+    ious, exact = [], []
+    for task in TASKS_3D:
+        pairs = load_task_split("calib", task, num_scenes, cfg=model.spatial_config)
+        answers = model.answer([sample for sample, _ in pairs], max_new_tokens=8)
+        for (sample, question), answer in zip(pairs, answers, strict=True):
+            if task == "captioning":
+                exact.append(exact_match(answer, sample.answers))
+                continue
+            box, obj = box_from_words(answer), sample.scene.objects[question_object(question)]
+            ious.append(0.0 if box is None else box_iou(box, [*obj.centre, *obj.size]))
+    model.train()
+    return {"grounding acc@0.25": float(np.mean(np.asarray(ious) >= 0.25)),
+            "grounding acc@0.5": float(np.mean(np.asarray(ious) >= 0.5)), "captioning em": float(np.mean(exact))}
 
 
 def train(cfg: TrainConfig, progress: bool = True) -> TestbedModel:
@@ -287,6 +333,7 @@ def _train(cfg: TrainConfig, progress: bool) -> TestbedModel:
         starts = grown_layer_starts(source.model_config.num_layers, cfg.model.num_layers) + [cfg.model.num_layers]
         grounding_layers = tuple(starts[h] for h in cfg.grounding_layers)
     heads = GroundingHeads(cfg.model.hidden_size, cfg.model.num_layers, *grounding_layers)  # not in the model
+    coordinate_ids = torch.tensor(model.tokenizer.convert_tokens_to_ids(list(COORDINATE_WORDS)))
     parameters = [*model.named_parameters(), *heads.named_parameters()]
     decay = [p for n, p in parameters if p.dim() >= 2 and "embed" not in n]
     no_decay = [p for n, p in parameters if p.dim() < 2 or "embed" in n]
@@ -303,10 +350,10 @@ def _train(cfg: TrainConfig, progress: bool) -> TestbedModel:
         # No attention mask: the padding is at the end of each row and attention is causal, so no real token can
         # see it anyway. Without a mask SDPA runs its causal kernel, which skips the upper triangle: a full-scene
         # step is about a third faster and its result unchanged (test_training_needs_no_attention_mask).
-        outputs = model.llm(inputs_embeds=batch["inputs_embeds"], labels=batch["labels"],
-                            output_hidden_states=cfg.grounding > 0)
+        outputs = model.llm(inputs_embeds=batch["inputs_embeds"], output_hidden_states=cfg.grounding > 0)
         grounding = heads.loss(outputs.hidden_states, batch) if cfg.grounding > 0 else {}
-        loss = outputs.loss + cfg.grounding * sum(grounding.values())
+        loss = answer_loss(outputs.logits, batch["labels"], coordinate_ids, cfg.coordinate_sigma)
+        loss = loss + cfg.grounding * sum(grounding.values())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for _, p in parameters], 1.0)
@@ -322,6 +369,9 @@ def _train(cfg: TrainConfig, progress: bool) -> TestbedModel:
             record["calib_accuracy"] = calib_accuracy(model)
             bar.write(f"step {done}: calib accuracy "
                       + " ".join(f"{k} {v:.2f}" for k, v in record["calib_accuracy"].items()))
+            if cfg.grounding_turns or cfg.captioning_turns:
+                record["calib_tasks"] = calib_task_scores(model)
+                bar.write(f"step {done}: calib " + ", ".join(f"{k} {v:.2f}" for k, v in record["calib_tasks"].items()))
         with open(log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:

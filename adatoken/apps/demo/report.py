@@ -1,6 +1,6 @@
 """The demo's report: report.md, report.json and the figures, from the results of its stages.
 
-    results = DemoResults(context, flow, schedules, fit_errors, configs, predictions, bench, stages)
+    results = DemoResults(context, flow, schedules, fit_errors, configs, predictions, bench, tasks=..., tasks_note=...)
     draw_figures(out, results)                                   # the PNGs named by figure_names(results)
     write(out, results, [out / n for n in figure_names(results)])  # report.md, report.json
 
@@ -21,7 +21,7 @@ from adatoken.calibration.fit import normalize_inf
 from adatoken.calibration.flow import FlowReport
 from adatoken.core.artifacts import write_json_atomic, write_text_atomic
 from adatoken.core.schedule import Schedule
-from adatoken.eval.report import Accuracy, ReportRow, plot_accuracy_vs_flops, summarize, to_markdown
+from adatoken.eval.report import Accuracy, ReportRow, plot_accuracy_vs_flops, summarize, task_tables, to_markdown
 
 REPORT_FORMAT = "adatoken.demo/v1"
 FIGURES = {
@@ -43,6 +43,9 @@ class DemoResults:
     configs: list                   # the eval's SweepConfigs, skipped ones with their reason
     predictions: dict[str, list[dict]]
     bench: dict[str, dict]          # model label -> adatoken.apps.bench result; empty when skipped
+    # Table I: task (grounding, captioning) -> config key -> prediction rows; empty, with the reason, when not run
+    tasks: dict[str, dict[str, list[dict]]] = field(default_factory=dict)
+    tasks_note: str | None = None
     stages: dict = field(default_factory=dict)  # stage -> reused, seconds
 
     @cached_property
@@ -52,6 +55,10 @@ class DemoResults:
     @property
     def rows(self) -> list[ReportRow]:
         return self.summary[0]
+
+    @cached_property
+    def task_summaries(self) -> dict[str, tuple[list[ReportRow], dict]]:
+        return {task: summarize(self.configs, predictions) for task, predictions in self.tasks.items()}
 
     @property
     def num_questions(self) -> int:
@@ -72,6 +79,7 @@ class DemoResults:
     @cached_property
     def reading(self) -> list[str]:
         lines = read_flow(self.flow, self.schedules) + read_accuracy(self.rows)
+        lines += read_table_one({task: rows for task, (rows, _) in self.task_summaries.items()}, self.rows)
         lines += [read_bench(label, result) for label, result in self.bench.items()]
         skipped = [r for r in self.rows if r.skipped]
         if skipped:
@@ -150,6 +158,48 @@ def _read_retention(retention: float, ranked: list[ReportRow], unpruned: ReportR
     if best.flops_ratio is not None:
         text += f", at {best.flops_ratio:.2f} of its prefill FLOPs"
     return text + "."
+
+
+# The score each Table I task is read by (the paper's: ScanRefer Acc@0.5 and Scan2Cap CIDEr@0.5), and its name.
+TABLE_ONE_SCORE = {"grounding": ("acc@0.5", "3D grounding Acc@0.5"),
+                   "captioning": ("cider@0.5", "dense captioning CIDEr@0.5 (x100)")}
+
+
+def _score(acc: Accuracy) -> str:
+    return f"{100 * acc.value:.1f} [{100 * acc.ci95[0]:.1f}, {100 * acc.ci95[1]:.1f}]"
+
+
+def read_table_one(tasks: dict[str, list[ReportRow]], qa_rows: list[ReportRow]) -> list[str]:
+    """Per task, one sentence: the unpruned score, and at each retention the best method and how much of the
+    unpruned score FastV and AdaToken-3D keep beside how much of the unpruned QA EM they keep (does pruning hurt
+    grounding more than question answering?)."""
+    qa = {r.key: r.em for r in qa_rows if r.em is not None and r.em.value is not None}
+    lines = []
+    for task, rows in tasks.items():
+        metric, name = TABLE_ONE_SCORE[task]
+        scores = {r.key: getattr(r, task)[metric] for r in rows if r.skipped is None and metric in getattr(r, task)}
+        unpruned = scores.get("none")
+        if unpruned is None:
+            continue
+        text = f"Table I, {name}: unpruned {_score(unpruned)} over {unpruned.n}"
+        if unpruned.value == 0:
+            lines.append(text + "; with nothing right unpruned, pruning has nothing to lose here.")
+            continue
+        by_retention: dict[float, list[ReportRow]] = {}
+        for row in rows:
+            if row.key in scores and row.retention is not None:
+                by_retention.setdefault(row.retention, []).append(row)
+        for retention, ran in sorted(by_retention.items()):
+            best = max(ran, key=lambda r: scores[r.key].value)
+            text += f"; at retention {retention:g} {best.method} scores best, {_score(scores[best.key])}"
+            kept = []
+            for row in ran:
+                if row.method in ("fastv", "adatoken3d") and qa.get(row.key) and qa["none"].value:
+                    kept.append(f"{row.method} keeps {scores[row.key].value / unpruned.value:.0%} of it "
+                                f"(of QA EM: {qa[row.key].value / qa['none'].value:.0%})")
+            text += (", " + ", ".join(kept)) if kept else ""
+        lines.append(text + ".")
+    return lines
 
 
 def read_bench(label: str, result: dict) -> str:
@@ -246,6 +296,17 @@ def to_report_markdown(results: DemoResults, figures: list[Path]) -> str:
     lines += [_figure(shown[name]) + "\n" for name in ("accuracy_vs_flops.png", "retention_per_layer.png")
               if name in shown]
 
+    lines += ["## Table I: 3D grounding and dense captioning", ""]
+    if not results.tasks:
+        lines += [f"Table I: {results.tasks_note}.", ""]
+    else:
+        lines += ["The same configurations on seeded subsets of the testbed's grounding and captioning test sets "
+                  "(`adatoken eval --dataset testbed-grounding|testbed-captioning` runs the whole sets; "
+                  "docs/results/testbed-table1.md has them).", ""]
+        for rows, _ in results.task_summaries.values():
+            lines += [("#" + line if line.startswith("#") else line) for line in task_tables(rows)]
+        lines += [""]
+
     lines += ["## Prefill speed", ""]
     if not results.bench:
         lines += ["Not measured in this run (--skip-bench).", ""]
@@ -270,6 +331,9 @@ def to_json(results: DemoResults, figures: list[Path]) -> dict:
         "fit_errors": {f"{r:g}": why for r, why in sorted(results.fit_errors.items())},
         "eval": {"rows": [asdict(r) for r in rows], "metrics": metrics,
                  "kept_per_layer": {f"{r:g}": by_method for r, by_method in results.kept_per_layer.items()}},
+        "tasks": {task: {"rows": [asdict(r) for r in rows], "metrics": metrics}
+                  for task, (rows, metrics) in results.task_summaries.items()},
+        "tasks_note": results.tasks_note,
         "bench": results.bench,
         "figures": [p.name for p in figures],
     }

@@ -11,11 +11,14 @@ Stages, each kept in OUT:
   3. eval   none, FastV, PyramidDrop, random and AdaToken-3D (the fitted schedules) at each
             retention on a fixed, seeded subset of the test split, through the resumable eval
             runner: EM with 95 % Wilson intervals, measured tokens per layer, FLOPs         eval/
-  4. bench  prefill time of every config beside its analytic FLOPs ratio, on the testbed model and
+  4. tasks the paper's Table I on the testbed: the same configs on seeded subsets of the 3D grounding
+            and dense captioning test sets (grounding Acc@0.25/0.5, captioning CIDEr@0.5 ...), when
+            the checkpoint was trained on them                                    eval-grounding/ eval-captioning/
+  5. bench  prefill time of every config beside its analytic FLOPs ratio, on the testbed model and
             on a random model of LLaVA-3D's proportions (interleaved rounds, medians)     bench/
-  5. report figures (redrawn only when a result they show changed), then report.md (tables, the
+  6. report figures (redrawn only when a result they show changed), then report.md (tables, the
             figures, a reading computed from the numbers) and report.json
-Calibration reads only the calib split; test questions appear only in stages 3 and 4.
+Calibration reads only the calib split; test questions appear only in stages 3 to 5.
 
 A re-run reuses a stage when everything it depends on is unchanged. OUT/cache.json keeps each
 stage's key (checkpoint digest, sizes, seeds, the digest of the stage's inputs) and is written only
@@ -44,6 +47,8 @@ from adatoken.core.artifacts import read_json, write_json_atomic, write_text_ato
 DEFAULT_RETENTIONS = [0.1, 0.2, 0.4, 0.6]
 # Testbed answers are one word: 4 tokens show a wrong, longer answer without paying for rambling.
 MAX_NEW_TOKENS = 4
+# A grounding answer is six coordinate words and the end of the answer; the longest caption six words and the end.
+TASK_MAX_NEW_TOKENS = {"grounding": 7, "captioning": 8}
 FIT_OPTIONS = {"first_layer": 2, "smooth_lambda": 1.0}  # `adatoken fit`'s defaults
 BENCH_SHAPE = "llava3d-mini"  # LLaVA-3D-7B's depth and head size at hidden 256 (adatoken.core.shapes)
 BENCH_TEXT_TOKENS = 60  # system + prompt around the spatial tokens, as `adatoken bench` lays them out
@@ -59,6 +64,7 @@ class DemoOptions:
     # with the 32-layer testbed; docs/results/testbed.md has 600)
     questions: int = 60
     calib_questions: int = 32          # calibration questions for the information-flow analysis
+    task_questions: int = 40           # grounding expressions and captioned objects for Table I (0: none)
     retentions: list[float] = field(default_factory=lambda: list(DEFAULT_RETENTIONS))
     batch_size: int = 32               # questions per generate call
     seed: int = 0                      # seed of the test subset
@@ -75,6 +81,8 @@ class DemoOptions:
             value = getattr(self, name)
             if value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        if self.task_questions < 0:
+            raise ValueError(f"--task-questions must be at least 0 (0 leaves Table I out), got {self.task_questions}")
         bad = [r for r in self.retentions if not 0 < r <= 1]
         if bad:
             raise ValueError(f"--retentions must lie in (0, 1] (mean share of spatial tokens kept), got {bad}")
@@ -92,10 +100,12 @@ def run_demo(options: DemoOptions) -> list[Path]:
     flow = demo.flow()
     schedules, fit_errors = demo.fit(flow)
     configs, subset, predictions = demo.evaluate(schedules, fit_errors)
+    tasks, tasks_note = demo.table_one(configs)
     bench_results = {} if options.skip_bench else demo.bench(configs, subset[0])
     results = demo_report.DemoResults(
         context=demo.context(len(subset), time.perf_counter() - started), flow=flow, schedules=schedules,
-        fit_errors=fit_errors, configs=configs, predictions=predictions, bench=bench_results, stages=demo.cache.log)
+        fit_errors=fit_errors, configs=configs, predictions=predictions, tasks=tasks, tasks_note=tasks_note,
+        bench=bench_results, stages=demo.cache.log)
     figures = [demo.out / name for name in demo_report.figure_names(results)]
     with demo.cache.stage("figures", {"inputs": file_digest(*demo.result_files())}, *figures) as reused:
         if not reused:
@@ -232,38 +242,46 @@ class Demo:
                 for c in configs]
 
     def test_subset(self) -> list:
-        """The fixed, seeded subset of the test split (QARecords), kept so a re-run need not redraw every scene."""
-        from adatoken.eval.datasets import QARecord
-        from adatoken.eval.runner import select_subset
+        """The fixed, seeded subset of the test split (QARecords)."""
         from adatoken.testbed.answerer import load_testbed
 
-        path = self.out / "eval" / "questions.json"
-        key = {"checkpoint": self.digest, "questions": self.options.questions, "seed": self.options.seed}
-        with self.cache.stage("questions", key, path) as reused:
+        return self._subset("questions", self.out / "eval", self.options.questions,
+                            lambda: load_testbed(self.checkpoint, split="test"))
+
+    def _subset(self, stage: str, folder: Path, size: int, load) -> list:
+        """A seeded subset of `load()`'s records, kept in folder/questions.json so a re-run need not redraw every
+        scene."""
+        from adatoken.eval.datasets import QARecord
+        from adatoken.eval.runner import select_subset
+
+        path = folder / "questions.json"
+        key = {"checkpoint": self.digest, "questions": size, "seed": self.options.seed}
+        with self.cache.stage(stage, key, path) as reused:
             if not reused:
-                records = load_testbed(self.checkpoint, split="test")
                 path.parent.mkdir(parents=True, exist_ok=True)
-                subset = select_subset(records, self.options.questions, self.options.seed)
-                write_json_atomic(path, [asdict(r) for r in subset], indent=1)
+                write_json_atomic(path, [asdict(r) for r in select_subset(load(), size, self.options.seed)], indent=1)
         return [QARecord(**r) for r in json.loads(path.read_text())]
 
     def evaluate(self, schedules: dict, fit_errors: dict[float, str]):
         """(sweep configs, the test subset, each runnable config's prediction rows)."""
+        subset = self.test_subset()
+        configs = self.sweep(self.num_layers, schedules, fit_errors)
+        return configs, subset, self._evaluate("eval", self.out / "eval", "testbed", subset, configs, MAX_NEW_TOKENS)
+
+    def _evaluate(self, stage: str, folder: Path, dataset: str, subset: list, configs: list,
+                  max_new_tokens: int) -> dict[str, list[dict]]:
+        """Each runnable config's prediction rows on `subset`, through the resumable eval runner in `folder`."""
         from adatoken.eval.runner import collect, evaluate, read_predictions
         from adatoken.testbed.answerer import TestbedAnswerer
 
-        subset = self.test_subset()
-        configs = self.sweep(self.num_layers, schedules, fit_errors)
-        folder = self.out / "eval"
         settings = {"model": "testbed", "checkpoint": str(self.checkpoint), "checkpoint_sha256": self.digest,
-                    "dataset": "testbed", "split": "test", "questions": self.options.questions,
-                    "seed": self.options.seed}
-        key = {"settings": {**settings, "batch_size": self.options.batch_size, "max_new_tokens": MAX_NEW_TOKENS},
+                    "dataset": dataset, "split": "test", "questions": len(subset), "seed": self.options.seed}
+        key = {"settings": {**settings, "batch_size": self.options.batch_size, "max_new_tokens": max_new_tokens},
                "configs": {c.key: c.prune.to_dict() for c in configs if c.skipped is None}}
         key = json.loads(json.dumps(key))
         # Predictions on disk stay usable when the settings match and no config changed under its name
         # (a refitted schedule does); new configs are added to them.
-        previous = self.cache.keys.get("eval")
+        previous = self.cache.keys.get(stage)
         usable = previous is not None and previous["settings"] == key["settings"] and all(
             previous["configs"].get(name, config) == config for name, config in key["configs"].items())
         on_disk = read_predictions(folder / "predictions") if usable and (folder / "predictions").is_dir() else {}
@@ -271,20 +289,46 @@ class Demo:
         missing = sum(pair not in on_disk for pair in wanted)
         start = time.perf_counter()
         if missing == 0:
-            print(f"[eval] reused all {len(wanted)} predictions in {folder} (same settings as before)", flush=True)
+            print(f"[{stage}] reused all {len(wanted)} predictions in {folder} (same settings as before)", flush=True)
             predictions = collect(folder / "predictions", subset, configs)
         else:
-            print(f"[eval] {len(subset)} questions x {len(key['configs'])} configs: "
+            print(f"[{stage}] {len(subset)} questions x {len(key['configs'])} configs: "
                   f"{'computing' if not on_disk else f'resuming, {len(wanted) - missing} reused'}", flush=True)
-            self.cache.record("eval", {**key, "configs": {**(previous["configs"] if usable else {}), **key["configs"]}})
+            self.cache.record(stage, {**key, "configs": {**(previous["configs"] if usable else {}), **key["configs"]}})
             predictions = evaluate(TestbedAnswerer(self.model), subset, configs, folder, settings,
-                                   batch_size=self.options.batch_size, max_new_tokens=MAX_NEW_TOKENS,
+                                   batch_size=self.options.batch_size, max_new_tokens=max_new_tokens,
                                    fresh=not usable, progress=self.progress)
-        self.cache.log["eval"] = {"reused": missing == 0, "seconds": round(time.perf_counter() - start, 2),
-                                  "predictions_computed": missing, "predictions_reused": len(wanted) - missing}
-        return configs, subset, predictions
+        self.cache.log[stage] = {"reused": missing == 0, "seconds": round(time.perf_counter() - start, 2),
+                                 "predictions_computed": missing, "predictions_reused": len(wanted) - missing}
+        return predictions
 
-    # ----- 4. prefill speed against FLOPs ------------------------------------------------------------------
+    # ----- 4. Table I: grounding and captioning -----------------------------------------------------------
+    def table_one(self, configs: list) -> tuple[dict[str, dict[str, list[dict]]], str | None]:
+        """task -> each runnable config's prediction rows on a seeded subset of the task's test set, and why
+        there are none when Table I is not run (said once, on the terminal and in the report)."""
+        from adatoken.testbed.answerer import load_testbed_task
+        from adatoken.testbed.referring import CLICK, TASKS_3D
+
+        if self.options.task_questions == 0:
+            return {}, "not run (--task-questions 0)"
+        vocabulary = json.loads((self.checkpoint / "tokenizer.json").read_text())["model"]["vocab"]
+        if CLICK not in vocabulary:
+            note = (f"not run: {self.checkpoint} was never trained on 3D grounding and dense captioning (its "
+                    "vocabulary has no click or coordinate words); fine-tune it with `adatoken testbed train "
+                    "--finetune-from CHECKPOINT --grounding-turns 6 --captioning-turns 4`, or pass "
+                    "--task-questions 0 to leave Table I out")
+            print(f"[tasks] {note}", flush=True)
+            return {}, note
+        tasks = {}
+        for task in TASKS_3D:
+            folder = self.out / f"eval-{task}"
+            subset = self._subset(f"questions {task}", folder, self.options.task_questions,
+                                  lambda task=task: load_testbed_task(task, self.checkpoint, split="test"))
+            tasks[task] = self._evaluate(f"eval {task}", folder, f"testbed-{task}", subset, configs,
+                                         TASK_MAX_NEW_TOKENS[task])
+        return tasks, None
+
+    # ----- 5. prefill speed against FLOPs ------------------------------------------------------------------
     def bench(self, configs: list, question) -> dict[str, dict]:
         """Model label -> an `adatoken bench`-style result: the testbed model on one test question with the
         eval's configs, and the LLaVA-3D-proportioned random model (adatoken3d on its eq.-5 curve: the
@@ -329,8 +373,10 @@ class Demo:
 
     def result_files(self) -> list[Path]:
         """The files the figures are drawn from: they are redrawn when any of these changed."""
-        files = [self.out / "flow.json", *sorted((self.out / "schedules").glob("*.json")),
-                 self.out / "eval" / "questions.json", *sorted((self.out / "eval" / "predictions").glob("rank*.jsonl"))]
+        files = [self.out / "flow.json", *sorted((self.out / "schedules").glob("*.json"))]
+        for folder in ("eval", "eval-grounding", "eval-captioning"):
+            files += sorted((self.out / folder).glob("questions.json"))
+            files += sorted((self.out / folder / "predictions").glob("rank*.jsonl"))
         return files + ([] if self.options.skip_bench else sorted((self.out / "bench").glob("*.json")))
 
     def context(self, num_questions: int, seconds: float) -> dict:
@@ -342,6 +388,9 @@ class Demo:
             "calibration": f"first {a.calib_questions} questions of the calib split",
             "evaluation": f"{num_questions} questions of the test split (seeded subset, seed {a.seed}); greedy, "
                           f"at most {MAX_NEW_TOKENS} new tokens, batches of {a.batch_size}",
+            "Table I": f"{a.task_questions} grounding expressions and {a.task_questions} captioned objects of the "
+                       f"testbed's test sets (seeded subsets); at most {TASK_MAX_NEW_TOKENS['grounding']} / "
+                       f"{TASK_MAX_NEW_TOKENS['captioning']} new tokens" if a.task_questions else "not run",
             "retentions": " ".join(f"{r:g}" for r in a.retentions),
             "threads": a.threads, "torch": torch.__version__, "machine": platform.machine(),
             "command": a.command,
