@@ -156,3 +156,23 @@ def test_the_reading_follows_the_numbers():
     assert "5.0 points below the unpruned model, within the intervals" in at_04
     assert "adatoken3d, random tie at 47.5 %" in at_01 and "next is fastv" in at_01 and "within the 95 %" in at_01
     assert "below the unpruned model, beyond the intervals" in at_01
+
+
+def test_table_one_is_read_beside_question_answering():
+    from adatoken.apps.demo.report import read_table_one
+    from adatoken.eval.report import Accuracy, ReportRow
+
+    def row(method, retention, em_hits, acc_hits, n=100):
+        hits = [True] * acc_hits + [False] * (n - acc_hits)
+        return ReportRow(f"{method}@{retention}" if retention else method, method, retention,
+                         em=Accuracy.of([True] * em_hits + [False] * (n - em_hits)),
+                         grounding={"acc@0.5": Accuracy.of(hits)})
+
+    qa = [row("none", None, 80, 0), row("fastv", 0.4, 72, 0), row("dart", 0.4, 76, 0)]
+    grounding = [row("none", None, 0, 50), row("fastv", 0.4, 0, 25), row("dart", 0.4, 0, 40)]
+    (line,) = read_table_one({"grounding": grounding}, qa)
+    assert line.startswith("Table I, 3D grounding Acc@0.5: unpruned 50.0 [")
+    assert "at retention 0.4 dart scores best, 40.0 [" in line
+    assert "fastv keeps 50% of it (of QA EM: 90%)" in line
+    nothing = [row("none", None, 0, 0), row("fastv", 0.4, 0, 0)]
+    assert "nothing to lose" in read_table_one({"grounding": nothing}, qa)[0]

@@ -174,6 +174,7 @@ def read_table_one(tasks: dict[str, list[ReportRow]], qa_rows: list[ReportRow]) 
     unpruned score FastV and AdaToken-3D keep beside how much of the unpruned QA EM they keep (does pruning hurt
     grounding more than question answering?)."""
     qa = {r.key: r.em for r in qa_rows if r.em is not None and r.em.value is not None}
+    qa_unpruned = qa.get("none")
     lines = []
     for task, rows in tasks.items():
         metric, name = TABLE_ONE_SCORE[task]
@@ -194,9 +195,9 @@ def read_table_one(tasks: dict[str, list[ReportRow]], qa_rows: list[ReportRow]) 
             text += f"; at retention {retention:g} {best.method} scores best, {_score(scores[best.key])}"
             kept = []
             for row in ran:
-                if row.method in ("fastv", "adatoken3d") and qa.get(row.key) and qa["none"].value:
+                if row.method in ("fastv", "adatoken3d") and row.key in qa and qa_unpruned and qa_unpruned.value:
                     kept.append(f"{row.method} keeps {scores[row.key].value / unpruned.value:.0%} of it "
-                                f"(of QA EM: {qa[row.key].value / qa['none'].value:.0%})")
+                                f"(of QA EM: {qa[row.key].value / qa_unpruned.value:.0%})")
             text += (", " + ", ".join(kept)) if kept else ""
         lines.append(text + ".")
     return lines
@@ -301,8 +302,7 @@ def to_report_markdown(results: DemoResults, figures: list[Path]) -> str:
         lines += [f"Table I: {results.tasks_note}.", ""]
     else:
         lines += ["The same configurations on seeded subsets of the testbed's grounding and captioning test sets "
-                  "(`adatoken eval --dataset testbed-grounding|testbed-captioning` runs the whole sets; "
-                  "docs/results/testbed-table1.md has them).", ""]
+                  "(`adatoken eval --dataset testbed-grounding|testbed-captioning` runs the whole sets).", ""]
         for rows, _ in results.task_summaries.values():
             lines += [("#" + line if line.startswith("#") else line) for line in task_tables(rows)]
         lines += [""]
