@@ -7,7 +7,9 @@ Over the testbed's grounding test set (`adatoken eval --dataset testbed-groundin
 - `tokens_extent`: the true size and height, centred on the middle of the x-y extent of the points of the
   object's spatial tokens: the best a model can do that knows each class's size and reads the object's position
   exactly off its tokens, which show only the surfaces the cameras saw, pooled into 0.2 m voxels;
-- `tokens_mean`: the same centred on the mean of those points (what averaging over the object's tokens gives).
+- `tokens_mean`: the same centred on the mean of those points (what averaging over the object's tokens gives);
+- `tokens_mean_noise_S`: that centre off by Gaussian noise of S metres on x and y (5 seeded draws per expression):
+  how precisely a model must read a position to reach a given Acc@k.
 A model scoring near `tokens_extent` is as good as the testbed's input allows.
 """
 from __future__ import annotations
@@ -32,8 +34,10 @@ def main() -> None:
     parser.add_argument("--out", default="grounding_ceiling.json")
     args = parser.parse_args()
     _, spatial = load_settings(args.checkpoint)
-    ious: dict[str, list[float]] = {"words": [], "tokens_extent": [], "tokens_mean": []}
-    subsets = []
+    noise = (0.05, 0.1, 0.2)
+    ious: dict[str, list[float]] = {"words": [], "tokens_extent": [], "tokens_mean": [],
+                                    **{f"tokens_mean_noise_{s:g}": [] for s in noise}}
+    subsets, rng = [], np.random.default_rng(0)
     for sample, question in load_task_split("test", "grounding", args.scenes, cfg=spatial, progress=True):
         obj = sample.scene.objects[question_object(question)]
         true = [*obj.centre, *obj.size]
@@ -42,14 +46,20 @@ def main() -> None:
         ious["words"].append(box_iou(box_from_words(box_words(obj.box)), true))
         for name, centre in (("tokens_extent", (points.min(0) + points.max(0)) / 2), ("tokens_mean", points.mean(0))):
             ious[name].append(box_iou([*centre[:2], obj.centre[2], *obj.size], true))
-        subsets.append("unique" if sample.scene.count(obj.cls) == 1 else "multiple")
+        subset = "unique" if sample.scene.count(obj.cls) == 1 else "multiple"
+        subsets.append(subset)
+        for sigma in noise:
+            for _ in range(5):
+                centre = points.mean(0)[:2] + rng.normal(0.0, sigma, 2)
+                ious[f"tokens_mean_noise_{sigma:g}"].append(box_iou([*centre, obj.centre[2], *obj.size], true))
     subsets = np.array(subsets)
+    draws = np.repeat(subsets, 5)
     result = {"expressions": len(subsets), "scenes": args.scenes, "checkpoint": args.checkpoint}
     for name, values in ious.items():
-        values = np.array(values)
+        values, of = np.array(values), draws if "noise" in name else subsets
         result[name] = {f"{part} acc@{k:g}": float(np.mean(values[mask] >= k))
-                        for part, mask in (("all", subsets != ""), ("unique", subsets == "unique"),
-                                           ("multiple", subsets == "multiple")) for k in (0.25, 0.5)}
+                        for part, mask in (("all", of != ""), ("unique", of == "unique"),
+                                           ("multiple", of == "multiple")) for k in (0.25, 0.5)}
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     print(json.dumps(result, indent=1))
