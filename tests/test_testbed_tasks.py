@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import numpy as np
 import pytest
@@ -16,16 +17,19 @@ from adatoken.eval.boxes import box_iou
 from adatoken.eval.report import _task_scores
 from adatoken.testbed.answerer import TestbedAnswerer, as_sample, load_testbed_task
 from adatoken.testbed.data import load_split, split_seeds
+from adatoken.testbed.locator import Locator
 from adatoken.testbed.model import SHIPPED_CHECKPOINT as SHIPPED
 from adatoken.testbed.model import ModelConfig, TestbedModel, load
 from adatoken.testbed.questions import point_box_distance
 from adatoken.testbed.referring import (
     COORDINATE_WORDS,
+    LOCATION,
     RELATION_MARGIN,
     box_from_words,
     box_words,
     captioning_questions,
     grounding_questions,
+    location_words,
 )
 from adatoken.testbed.scenes import scene_for_seed
 from adatoken.testbed.tokenizer import build_tokenizer, vocabulary
@@ -63,7 +67,7 @@ def test_every_referring_expression_names_exactly_its_object():
         for q in grounding_questions(scene):
             expression = q.question.removeprefix("Where is the ").removesuffix("?")
             assert _resolve(scene, expression) == [q.referents[-1]], q.question
-            assert q.answer == box_words(scene.objects[q.referents[-1]].box)
+            assert q.answer == location_words(scene.objects[q.referents[-1]].box)
             kinds.add("closest" if "closest" in expression else len(expression.split()))
     assert kinds == {1, 2, "closest"}  # class, colour + class, and relation expressions all occur
 
@@ -88,8 +92,9 @@ def test_task_words_are_appended_to_the_shipped_vocabulary():
     tokenizer = build_tokenizer()
     for task in ("grounding", "captioning"):
         for record in load_testbed_task(task, num_scenes=10):
-            answer = box_words(_corners(record.extra["box"])) if task == "grounding" else record.answers[0]
-            ids = tokenizer(f"{record.question} {answer}", add_special_tokens=False)["input_ids"]
+            answers = [box_words(_corners(record.extra["box"])), location_words(_corners(record.extra["box"]))] \
+                if task == "grounding" else record.answers
+            ids = tokenizer(f"{record.question} {' '.join(answers)}", add_special_tokens=False)["input_ids"]
             assert tokenizer.unk_token_id not in ids
 
 
@@ -117,7 +122,7 @@ def test_extending_the_vocabulary_keeps_what_the_model_computed():
     assert after.shape[-1] == len(vocabulary()) and len(extended.tokenizer) == len(vocabulary())
     torch.testing.assert_close(after[..., :qa_size], before)
     rows = extended.llm.get_input_embeddings().weight[qa_size:]
-    coordinate = rows[-71:]  # "0" .. "70": neighbours start alike, far values do not
+    coordinate = rows[-72:-1]  # "0" .. "70" (then the location word): neighbours start alike, far values do not
     cosine = torch.nn.functional.cosine_similarity
     assert cosine(coordinate[30], coordinate[31], dim=0) > 0.9 > cosine(coordinate[30], coordinate[60], dim=0)
 
@@ -147,8 +152,15 @@ def test_training_dialogues_carry_grounding_and_captioning_turns():
     train_cfg = TrainConfig(batch_size=2, per_type=1, grounding_turns=2, captioning_turns=2, model=cfg)
     batch = training_batch(model, train_cfg, step=5_000)
     answers = model.tokenizer.decode([t for t in batch["labels"][0].tolist() if t >= 0])
-    assert sum(box_from_words(a) is not None for a in answers.split("</s>")) == 2  # two boxes
+    assert sum(a.split()[:1] == [LOCATION] for a in answers.split("</s>")) == 2  # two location answers
     assert len(batch["answer_rows"]) >= 2 * 4  # the answer head regresses each task question's object
+    # the locator reads each location word and must point at its object's spatial tokens, and only those
+    assert len(batch["locator_rows"]) == 2 * 2
+    location = model.tokenizer.convert_tokens_to_ids(LOCATION)
+    for q, (row, col) in enumerate(zip(batch["locator_rows"], batch["locator_cols"])):
+        assert batch["labels"][row, col] == location  # the location word itself (its hidden state asks)
+        target = batch["locator_target"][q]
+        assert target.any() and not (target & ~batch["spatial_mask"][row]).any()
 
 
 def test_the_answer_loss_is_the_models_own_and_soft_only_on_coordinate_words():
@@ -175,12 +187,62 @@ def test_the_answer_loss_is_the_models_own_and_soft_only_on_coordinate_words():
 def test_calib_task_scores_score_boxes_by_iou_and_captions_by_exact_match(monkeypatch):
     cfg = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, position_hidden=16)
     model = TestbedModel.create(cfg, seed=0)
-    monkeypatch.setattr(model, "answer", lambda samples, max_new_tokens: [s.answers[0] for s in samples])
-    right = calib_task_scores(model, num_scenes=3)  # the references themselves: boxes to the nearest decimetre
+    def right(samples, max_new_tokens):  # the true boxes to the nearest decimetre, the reference captions
+        boxes = {(s.scene_seed, q.question): box_words(s.scene.objects[q.referents[-1]].box)
+                 for s in samples if s.qtype == "grounding" for q in grounding_questions(s.scene)}
+        return [boxes[s.scene_seed, s.question] if s.qtype == "grounding" else s.answers[0] for s in samples]
+
+    monkeypatch.setattr(model, "answer", right)
+    right = calib_task_scores(model, num_scenes=3)
     assert right["captioning em"] == 1.0 and right["grounding acc@0.25"] == 1.0 >= right["grounding acc@0.5"] > 0.5
     monkeypatch.setattr(model, "answer", lambda samples, max_new_tokens: ["0 0 0 1 1 1"] * len(samples))
     assert calib_task_scores(model, num_scenes=3) == {"grounding acc@0.25": 0.0, "grounding acc@0.5": 0.0,
                                                      "captioning em": 0.0}
+
+
+def test_the_locator_points_at_the_best_tokens_and_boxes_their_extent():
+    locator = Locator(hidden_size=4, key_size=2)
+    with torch.no_grad():  # score = the token's first feature (times the state's): a pointer we can predict
+        for linear in (locator.query, locator.key):
+            linear.weight.zero_()
+            linear.bias.zero_()
+        locator.query.bias[0] = 1.0
+        locator.key.weight[0, 0] = 1.0
+    tokens = torch.zeros(5, 4)
+    tokens[[1, 3], 0] = 10.0  # two tokens of the object, equally likely; one a little less (within a quarter)
+    tokens[4, 0] = 10.0 - 0.5 * math.sqrt(2)
+    points = torch.tensor([[0.0, 0, 0], [1.0, 2.0, 0], [9.0, 9, 0], [2.0, 1.0, 0], [1.5, 3.0, 0]])
+    assert locator.centre(torch.zeros(4), tokens, points) == pytest.approx((1.5, 2.0))
+    mask = torch.ones(1, 5, dtype=torch.bool)
+    target = torch.zeros(1, 5, dtype=torch.bool)
+    target[0, [1, 3]] = True
+    pointed = locator.loss(torch.zeros(1, 4), tokens[None], mask, target)
+    tokens[2, 0] = 20.0  # a token off the object now takes the pointer: the loss says so
+    assert locator.loss(torch.zeros(1, 4), tokens[None], mask, target) > pointed + 1.0
+
+
+def test_a_location_answer_is_boxed_from_the_location_words_hidden_state(monkeypatch, tmp_path):
+    cfg = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, position_hidden=16)
+    model = TestbedModel.create(cfg, seed=0).eval()
+    model.save(tmp_path / "model")
+    loaded = load(tmp_path / "model")  # the locator is saved and loaded with the model
+    torch.testing.assert_close(loaded.locator.state_dict(), model.locator.state_dict())
+    samples = [as_sample(r) for r in load_testbed_task("grounding", num_scenes=1)]
+    monkeypatch.setattr(model, "decode_answer", lambda ids: f"{LOCATION} 4 5 5 9")  # whatever was generated
+    answers = model.answer(samples, max_new_tokens=3)
+    # by hand: the generated first token appended to the prompt; its last hidden state is what points
+    inputs = model.build_inputs(samples)
+    with torch.no_grad():
+        first = model.llm(**{k: inputs[k] for k in ("inputs_embeds", "attention_mask")}).logits[:, -1].argmax(-1)
+        embeds = torch.cat([inputs["inputs_embeds"], model.llm.get_input_embeddings()(first)[:, None]], 1)
+        mask = torch.cat([inputs["attention_mask"], torch.ones(len(samples), 1, dtype=torch.long)], 1)
+        states = model.llm(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+    for b, answer in enumerate(answers):
+        spatial = inputs["spatial_mask"][b]
+        x, y = model.locator.centre(states[b, -1], inputs["inputs_embeds"][b, spatial],
+                                    inputs["spatial_points"][b, spatial])
+        assert answer == f"{round(x * 10)} {round(y * 10)} 4 5 5 9"
+    assert load().locator is None  # a checkpoint from before the locator answers as before
 
 
 def test_testbed_task_sets_are_big_enough_and_boxed():

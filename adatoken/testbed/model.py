@@ -6,7 +6,8 @@ feature plus a 2-layer MLP embedding of the pooled 3D point (and of its random F
 LLM is an ordinary Hugging Face decoder, so pruning hooks and `generate` treat it like any LLaVA-style model.
 
 Checkpoint folder (flat): config.json, generation_config.json, model.safetensors (the LLM, via
-save_pretrained), encoder.safetensors, tokenizer.json, testbed.json (encoder and spatial settings).
+save_pretrained), encoder.safetensors, locator.safetensors (the grounding decoder, locator.py; checkpoints from
+before it have none), tokenizer.json, testbed.json (encoder and spatial settings).
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from adatoken.testbed.referring import CLICK
+from adatoken.testbed.locator import Locator
+from adatoken.testbed.referring import CLICK, LOCATION, coordinates
 from adatoken.testbed.scenes import CLASS_NAMES, COLOURS
 from adatoken.testbed.spatial import (
     SURFACE_CLASSES,
@@ -165,12 +167,13 @@ def copy_heads(llm: LlamaForCausalLM, strength: float) -> None:
 
 class TestbedModel(nn.Module):
     """The testbed 3D LMM. `.llm` is the LlamaForCausalLM, `.encoder` the spatial encoder, `.tokenizer` the
-    word-level tokenizer. Samples are anything with `scene_seed` and `question` (e.g. data.QASample)."""
+    word-level tokenizer, `.locator` the grounding decoder (None in checkpoints from before it). Samples are
+    anything with `scene_seed` and `question` (e.g. data.QASample)."""
 
     def __init__(self, llm: LlamaForCausalLM, encoder: SpatialEncoder, tokenizer: PreTrainedTokenizerFast,
-                 model_config: ModelConfig, spatial_config: SpatialConfig):
+                 model_config: ModelConfig, spatial_config: SpatialConfig, locator: Locator | None = None):
         super().__init__()
-        self.llm, self.encoder, self.tokenizer = llm, encoder, tokenizer
+        self.llm, self.encoder, self.tokenizer, self.locator = llm, encoder, tokenizer, locator
         self.model_config, self.spatial_config = model_config, spatial_config
 
     @classmethod
@@ -189,7 +192,7 @@ class TestbedModel(nn.Module):
                                  model_config.position_frequencies)
         if model_config.aligned_projector:
             align_projector(encoder, llm, tokenizer, spatial_config)
-        return cls(llm, encoder, tokenizer, model_config, spatial_config)
+        return cls(llm, encoder, tokenizer, model_config, spatial_config, Locator(model_config.hidden_size))
 
     def spatial_tokens(self, sample) -> SpatialTokens:
         return spatial_tokens_for_seed(sample.scene_seed, self.spatial_config)
@@ -268,14 +271,32 @@ class TestbedModel(nn.Module):
         answers = []
         for start in range(0, len(samples), batch_size):
             inputs = self.build_inputs(samples[start:start + batch_size])
-            with spatial_tokens(self.llm, inputs["spatial_mask"], points=inputs["spatial_points"]):
-                out = self.llm.generate(
-                    inputs_embeds=inputs["inputs_embeds"], attention_mask=inputs["attention_mask"],
-                    max_new_tokens=max_new_tokens, do_sample=False,
-                    pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
-                )
-            answers += [self.decode_answer(ids) for ids in out.tolist()]
+            states = []  # the final norm's output at each generate step: [B, 1, H] from the first one on
+            hook = self.llm.model.norm.register_forward_hook(lambda module, args, out: states.append(out[:, -1]))
+            try:
+                with spatial_tokens(self.llm, inputs["spatial_mask"], points=inputs["spatial_points"]):
+                    out = self.llm.generate(
+                        inputs_embeds=inputs["inputs_embeds"], attention_mask=inputs["attention_mask"],
+                        max_new_tokens=max_new_tokens, do_sample=False,
+                        pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
+                    )
+            finally:
+                hook.remove()
+            answers += [self._located(self.decode_answer(ids), inputs, b, states)
+                        for b, ids in enumerate(out.tolist())]
         return answers
+
+    def _located(self, answer: str, inputs: dict[str, torch.Tensor], b: int, states: list[torch.Tensor]) -> str:
+        """A location answer "loc cz dx dy dz" as the six coordinate words "cx cy cz dx dy dz", its x-y centre where
+        the locator points with the location word's hidden state (the second generate step's, whose input is that
+        word); any other answer as it is."""
+        words = answer.split()
+        if self.locator is None or len(words) != 5 or words[0] != LOCATION or len(states) < 2:
+            return answer
+        spatial = inputs["spatial_mask"][b]
+        tokens, points = inputs["inputs_embeds"][b, spatial], inputs["spatial_points"][b, spatial]
+        x, y = self.locator.centre(states[1][b], tokens, points)
+        return " ".join([coordinates([x, y]), *words[1:]])
 
     def decode_answer(self, ids: list[int]) -> str:
         if self.tokenizer.eos_token_id in ids:
@@ -295,6 +316,9 @@ class TestbedModel(nn.Module):
             halved = {k: v.half() for k, v in load_file(str(weights)).items()}
             save_file(halved, str(weights), metadata={"format": "pt"})
         save_file({k: v.contiguous() for k, v in self.encoder.state_dict().items()}, str(tmp / "encoder.safetensors"))
+        if self.locator is not None:
+            weights = {k: v.contiguous() for k, v in self.locator.state_dict().items()}
+            save_file(weights, str(tmp / "locator.safetensors"))
         self.tokenizer.backend_tokenizer.save(str(tmp / "tokenizer.json"))
         meta = {"model": asdict(self.model_config), "spatial": self.spatial_config.to_dict(), **(extra or {})}
         (tmp / "testbed.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -326,5 +350,10 @@ def load(path: str | os.PathLike | None = None) -> TestbedModel:
     weights = load_file(str(path / "encoder.safetensors"))
     weights.setdefault("frequencies", torch.zeros(3, 0))  # checkpoints from before the Fourier features lack it
     encoder.load_state_dict(weights)
-    model = TestbedModel(llm, encoder, load_tokenizer(str(path / "tokenizer.json")), model_config, spatial_config)
+    locator = None
+    if (path / "locator.safetensors").is_file():
+        locator = Locator(model_config.hidden_size)
+        locator.load_state_dict(load_file(str(path / "locator.safetensors")))
+    model = TestbedModel(llm, encoder, load_tokenizer(str(path / "tokenizer.json")), model_config, spatial_config,
+                         locator)
     return model.eval()

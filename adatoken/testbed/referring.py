@@ -1,7 +1,9 @@
 """The testbed's 3D grounding and dense captioning tasks, in the style of ScanRefer and Scan2Cap (the paper's Table I).
 
-- grounding: "Where is the {referring expression}?" answered with the object's box as six coordinate words,
-  "cx cy cz dx dy dz" (centre and size) in decimetres ("32 15 4 5 5 9"). An expression names one object: its
+- grounding: "Where is the {referring expression}?" answered with the location word and four coordinate words,
+  "loc cz dx dy dz" (the height of the box's centre and its size, in decimetres: "loc 4 5 5 9"); the location
+  word's hidden state points at the object's spatial tokens, whose points give the x-y centre (locator.py). Older
+  checkpoints answer all six, "cx cy cz dx dy dz", which box_from_words reads too. An expression names one object: its
   class when the scene has one of them ("the bed"), class and colour when only one of its class has that colour
   ("the red chair"), or class and the unique object it is closest to ("the chair closest to the bed", which must
   win by RELATION_MARGIN over every other object of its class).
@@ -11,12 +13,13 @@
   LLaVA-3D encodes a click prompt with the 3D position encoding its spatial tokens have: the model finds the object
   by matching positions, which it already does for spatial tokens.
 
-Why coordinate words and not a box head: LLaVA-3D grounds with a decoder on a location token, but the testbed's
-answers all go through `generate` and exact text, so a box as words is scored by the same runner and pruned by the
-same runtime, with no second output path. Centre and size rather than corners: the centre is where an object is
-(what the grounding heads already teach the model to fetch) and the size mostly what its class is. Decimetres over
-whole rooms take 71 words (0..70); rounding a true box's centre and size to them keeps Acc@0.5 at 0.86 on the test
-scenes (the rest: the smallest objects), so the task's ceiling is the model's, not the words'.
+Why a location word: the first design wrote the whole box as words, so that one text path scored and pruned
+everything. Two fine-tunes (1,000 steps) taught the model sizes and heights to a few centimetres but x-y centres
+only to about 0.3 m, while Acc@0.25 needs about 0.1 m (benchmarks/grounding_ceiling.py); LLaVA-3D, for the same
+reason, grounds with a decoder on a <LOC> token. The answer still goes through `generate`: the model rewrites a
+location answer to the six words (model.TestbedModel.answer), so the runner scores it like any other. Centre and
+size rather than corners: the centre is where an object is and the size mostly what its class is. Decimetres over
+whole rooms take 71 words (0..70); rounding a true box to them keeps Acc@0.5 at 0.89 on the test set.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ TASKS_3D = ("grounding", "captioning")
 COORDINATE_STEP = 0.1  # metres per coordinate word
 COORDINATE_WORDS = tuple(str(i) for i in range(71))  # 0 .. 7.0 m: the largest room is 7 m wide
 WHERE = "Where is the {x}?"
+LOCATION = "loc"  # a grounding answer's first word, whose hidden state the locator reads (LLaVA-3D's <LOC>)
 CLICK = "clicked"  # the word that carries a click's position (model.TestbedModel.embed)
 DESCRIBE_CLICKED = f"Describe the {CLICK} object."
 CLOSEST_TO = "{x} closest to the {y}"
@@ -49,6 +53,12 @@ def box_words(box: Sequence[float]) -> str:
     return coordinates([*(low + high) / 2, *(high - low)])
 
 
+def location_words(box: Sequence[float]) -> str:
+    """A scene box as the grounding answer: the location word, then the centre's height and the size."""
+    low, high = np.asarray(box[:3], dtype=float), np.asarray(box[3:], dtype=float)
+    return f"{LOCATION} " + coordinates([(low[2] + high[2]) / 2, *(high - low)])
+
+
 def box_from_words(text: str) -> list[float] | None:
     """A grounding answer back to a box as eval.boxes reads one ([cx, cy, cz, dx, dy, dz] in metres); None unless
     the answer is exactly six coordinate words."""
@@ -60,10 +70,10 @@ def box_from_words(text: str) -> list[float] | None:
 
 def grounding_questions(scene: Scene) -> list[Question]:
     """Every referring expression the scene supports, each as a grounding question about one object
-    (referents: the anchor, if any, then the object; the answer is the object's box as words)."""
+    (referents: the anchor, if any, then the object; the answer is location_words of the object's box)."""
     questions = []
     ask = lambda expression, obj, anchors=(): questions.append(  # noqa: E731
-        Question("grounding", WHERE.format(x=expression), box_words(obj.box), (*anchors, obj.object_id)))
+        Question("grounding", WHERE.format(x=expression), location_words(obj.box), (*anchors, obj.object_id)))
     anchors = [scene.find(c) for c in unique_classes(scene)]
     for cls in CLASS_NAMES:
         objects = [o for o in scene.objects if o.cls == cls]

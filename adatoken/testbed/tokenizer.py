@@ -12,7 +12,7 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from adatoken.testbed.questions import DESCRIBE, NUMBER_WORDS, SIDE_ASK, SITUATED_ASKS, SITUATION, TEMPLATES
-from adatoken.testbed.referring import CLOSEST_TO, COORDINATE_WORDS, DESCRIBE_CLICKED, NEXT_TO, WHERE
+from adatoken.testbed.referring import CLOSEST_TO, COORDINATE_WORDS, DESCRIBE_CLICKED, LOCATION, NEXT_TO, WHERE
 from adatoken.testbed.scenes import CLASSES, COLOURS
 
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
@@ -39,7 +39,7 @@ def vocabulary() -> list[str]:
     texts += [name for cls, spec in CLASSES.items() for name in (cls, spec.plural)]
     qa = sorted(_template_words(texts))
     tasks_3d = sorted(_template_words([WHERE, DESCRIBE_CLICKED, CLOSEST_TO, NEXT_TO]) - set(qa))
-    return [PAD, UNK, BOS, EOS] + qa + tasks_3d + list(COORDINATE_WORDS)
+    return [PAD, UNK, BOS, EOS] + qa + tasks_3d + list(COORDINATE_WORDS) + [LOCATION]
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:

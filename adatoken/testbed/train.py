@@ -18,15 +18,16 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm import tqdm
-from transformers import LlamaForCausalLM
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from adatoken.core.artifacts import write_atomic
 from adatoken.eval.metrics import exact_match
 from adatoken.testbed.data import load_split, load_task_split, scene_questions, split_seeds, visible_objects
 from adatoken.testbed.grounding import GROUNDING_HEADS, GroundingHeads, grounding_targets
+from adatoken.testbed.locator import Locator
 from adatoken.testbed.model import ModelConfig, TestbedModel, load
-from adatoken.testbed.questions import DESCRIBE, QUESTION_TYPES, describe
-from adatoken.testbed.referring import COORDINATE_WORDS, task_questions
+from adatoken.testbed.questions import DESCRIBE, QUESTION_TYPES, Question, describe
+from adatoken.testbed.referring import COORDINATE_WORDS, LOCATION, question_object, task_questions
 from adatoken.testbed.scenes import scene_for_seed
 from adatoken.testbed.spatial import SpatialConfig, SpatialTokens, spatial_tokens_for_seed
 from adatoken.testbed.tokenizer import build_tokenizer, dialogue_ids, system_ids
@@ -117,6 +118,7 @@ def training_batch(model: TestbedModel, cfg: TrainConfig, step: int) -> dict[str
     per_type = {t: cfg.geometry_per_type if t in ("relation", "situated") else cfg.per_type for t in QUESTION_TYPES}
     spatial, dialogues, flags, clicks = [], [], [], []
     grounding = {head: ([], [], []) for head in GROUNDING_HEADS}  # rows, cols, positions
+    located = ([], [], [])  # per location word: batch row, its column, the columns of its object's spatial tokens
     for b in range(cfg.batch_size):
         scene_seed = seeds[(step * cfg.batch_size + b) % len(seeds)]
         rng = np.random.default_rng([cfg.seed, step, b])
@@ -136,7 +138,12 @@ def training_batch(model: TestbedModel, cfg: TrainConfig, step: int) -> dict[str
         dialogues.append(ids)
         flags.append(is_answer)
         clicks.append([q.click for q in questions if q.click is not None])  # in turn order, as the click words
-        offset = len(system_ids(model.tokenizer)) + len(seen)  # where the dialogue starts in the padded row
+        system = len(system_ids(model.tokenizer))
+        offset = system + len(seen)  # where the dialogue starts in the padded row
+        for at, object_id in location_words(questions, ids, is_answer, model.tokenizer):
+            located[0].append(b)
+            located[1].append(offset + at)
+            located[2].append(system + np.flatnonzero(seen.object_ids == object_id))
         for head, (indices, positions) in grounding_targets(scene, visible, questions, ids, is_answer,
                                                             model.tokenizer).items():
             rows, cols, floor = grounding[head]
@@ -144,6 +151,12 @@ def training_batch(model: TestbedModel, cfg: TrainConfig, step: int) -> dict[str
             cols += [offset + i for i in indices]
             floor += positions
     batch = model.embed(spatial, dialogues, flags, padding_side="right", clicks=clicks)
+    batch["locator_rows"] = torch.tensor(located[0], dtype=torch.long)
+    batch["locator_cols"] = torch.tensor(located[1], dtype=torch.long)
+    target = torch.zeros(len(located[0]), batch["inputs_embeds"].shape[1], dtype=torch.bool)
+    for q, cols in enumerate(located[2]):
+        target[q, torch.from_numpy(cols)] = True
+    batch["locator_target"] = target
     for head, (rows, cols, floor) in grounding.items():
         batch[f"{head}_rows"] = torch.tensor(rows, dtype=torch.long)
         batch[f"{head}_cols"] = torch.tensor(cols, dtype=torch.long)
@@ -168,6 +181,16 @@ def answer_loss(logits: torch.Tensor, labels: torch.Tensor, coordinate_ids: torc
             soft = torch.softmax(-(steps - value[coordinate, None]) ** 2 / (2 * sigma ** 2), -1)
             loss[coordinate] = -(soft * log_probs[coordinate][:, coordinate_ids.to(targets.device)]).sum(-1)
     return loss.mean()
+
+
+def location_words(questions: list[Question], ids: list[int], is_answer: list[bool],
+                   tokenizer: PreTrainedTokenizerFast) -> list[tuple[int, int]]:
+    """(dialogue index, object id) of each grounding answer's location word (its first token): where the locator
+    reads the hidden state and what it must point at."""
+    starts = [i for i in range(len(ids)) if is_answer[i] and (i == 0 or not is_answer[i - 1])]
+    location = tokenizer.convert_tokens_to_ids(LOCATION)
+    return [(start, question_object(q)) for q, start in zip(questions, starts)
+            if q.qtype == "grounding" and ids[start] == location]
 
 
 def grown_layer_starts(depth: int, num_layers: int) -> list[int]:
@@ -212,7 +235,7 @@ def grow_in_depth(source: TestbedModel, cfg: TrainConfig) -> TestbedModel:
     llm.load_state_dict(grown, strict=not cfg.model.tie_embeddings)  # a tied head has no key of its own
     if cfg.model.tie_embeddings:
         llm.tie_weights()
-    return TestbedModel(llm, source.encoder, source.tokenizer, cfg.model, source.spatial_config)
+    return TestbedModel(llm, source.encoder, source.tokenizer, cfg.model, source.spatial_config, source.locator)
 
 
 @torch.no_grad()
@@ -244,7 +267,7 @@ def extend_vocabulary(source: TestbedModel, seed: int) -> TestbedModel:
     if not source.model_config.tie_embeddings:
         llm.get_output_embeddings().weight[len(old):] = 0.0
     llm.config.vocab_size = len(tokenizer)
-    return TestbedModel(llm, source.encoder, tokenizer, source.model_config, source.spatial_config)
+    return TestbedModel(llm, source.encoder, tokenizer, source.model_config, source.spatial_config, source.locator)
 
 
 def _atomic_save(obj, path: Path) -> None:
@@ -266,6 +289,8 @@ def _resume(model: TestbedModel, heads: GroundingHeads, optimizer: torch.optim.O
     model.llm.load_state_dict(state["llm"])
     model.encoder.load_state_dict(state["encoder"])
     heads.load_state_dict(state["grounding"])
+    if "locator" in state:  # states from before the grounding decoder have none
+        model.locator.load_state_dict(state["locator"])
     optimizer.load_state_dict(state["optimizer"])
     return state["step"], state["history"]
 
@@ -333,6 +358,9 @@ def _train(cfg: TrainConfig, progress: bool) -> TestbedModel:
         starts = grown_layer_starts(source.model_config.num_layers, cfg.model.num_layers) + [cfg.model.num_layers]
         grounding_layers = tuple(starts[h] for h in cfg.grounding_layers)
     heads = GroundingHeads(cfg.model.hidden_size, cfg.model.num_layers, *grounding_layers)  # not in the model
+    if model.locator is None:  # a checkpoint from before the grounding decoder gets a fresh one
+        torch.manual_seed(cfg.seed)
+        model.locator = Locator(cfg.model.hidden_size)
     coordinate_ids = torch.tensor(model.tokenizer.convert_tokens_to_ids(list(COORDINATE_WORDS)))
     parameters = [*model.named_parameters(), *heads.named_parameters()]
     decay = [p for n, p in parameters if p.dim() >= 2 and "embed" not in n]
@@ -350,8 +378,14 @@ def _train(cfg: TrainConfig, progress: bool) -> TestbedModel:
         # No attention mask: the padding is at the end of each row and attention is causal, so no real token can
         # see it anyway. Without a mask SDPA runs its causal kernel, which skips the upper triangle: a full-scene
         # step is about a third faster and its result unchanged (test_training_needs_no_attention_mask).
-        outputs = model.llm(inputs_embeds=batch["inputs_embeds"], output_hidden_states=cfg.grounding > 0)
+        outputs = model.llm(inputs_embeds=batch["inputs_embeds"],
+                            output_hidden_states=cfg.grounding > 0 or len(batch["locator_rows"]) > 0)
         grounding = heads.loss(outputs.hidden_states, batch) if cfg.grounding > 0 else {}
+        if len(batch["locator_rows"]):  # the grounding decoder points at each location word's object
+            rows = batch["locator_rows"]
+            grounding["locator"] = model.locator.loss(outputs.hidden_states[-1][rows, batch["locator_cols"]],
+                                                      batch["inputs_embeds"][rows], batch["spatial_mask"][rows],
+                                                      batch["locator_target"])
         loss = answer_loss(outputs.logits, batch["labels"], coordinate_ids, cfg.coordinate_sigma)
         loss = loss + cfg.grounding * sum(grounding.values())
         optimizer.zero_grad(set_to_none=True)
@@ -376,8 +410,8 @@ def _train(cfg: TrainConfig, progress: bool) -> TestbedModel:
             f.write(json.dumps(record) + "\n")
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             _atomic_save({"step": done, "llm": model.llm.state_dict(), "encoder": model.encoder.state_dict(),
-                          "grounding": heads.state_dict(), "optimizer": optimizer.state_dict(), "config": asdict(cfg),
-                          "history": history}, state_path)
+                          "locator": model.locator.state_dict(), "grounding": heads.state_dict(),
+                          "optimizer": optimizer.state_dict(), "config": asdict(cfg), "history": history}, state_path)
     model.eval()
     info = {"train": {"steps": cfg.steps, "seed": cfg.seed, "batch_size": cfg.batch_size, "per_type": cfg.per_type,
                       "geometry_per_type": cfg.geometry_per_type, "lr": cfg.lr, "grounding": cfg.grounding,
