@@ -12,9 +12,11 @@ import torch
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
 
+from adatoken import prune, unprune
 from adatoken.cli import main
 from adatoken.eval.boxes import box_iou
 from adatoken.eval.report import _task_scores
+from adatoken.eval.runner import default_methods, sweep_configs
 from adatoken.testbed.answerer import TestbedAnswerer, as_sample, load_testbed_task
 from adatoken.testbed.data import load_split, split_seeds
 from adatoken.testbed.locator import Locator
@@ -224,6 +226,8 @@ def test_the_locator_points_at_the_best_tokens_and_boxes_their_extent():
 def test_a_location_answer_is_boxed_from_the_location_words_hidden_state(monkeypatch, tmp_path):
     cfg = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, position_hidden=16)
     model = TestbedModel.create(cfg, seed=0).eval()
+    with torch.no_grad():  # a pointer that follows the state closely, so that another state points elsewhere
+        model.locator.query.weight.mul_(50.0)
     model.save(tmp_path / "model")
     loaded = load(tmp_path / "model")  # the locator is saved and loaded with the model
     torch.testing.assert_close(loaded.locator.state_dict(), model.locator.state_dict())
@@ -243,6 +247,34 @@ def test_a_location_answer_is_boxed_from_the_location_words_hidden_state(monkeyp
                                     inputs["spatial_points"][b, spatial])
         assert answer == f"{round(x * 10)} {round(y * 10)} 4 5 5 9"
     assert load().locator is None  # a checkpoint from before the locator answers as before
+
+
+def test_every_method_keeping_every_token_boxes_as_unpruned(monkeypatch):
+    """The location word's state is the second generate step's, however often a method runs the final norm (DART
+    runs it in the prefill too)."""
+    cfg = ModelConfig(hidden_size=32, num_layers=8, num_heads=2, intermediate_size=64, position_hidden=16)
+    model = TestbedModel.create(cfg, seed=0).eval()
+    with torch.no_grad():  # a pointer that follows the state closely, so that another state points elsewhere
+        model.locator.query.weight.mul_(50.0)
+    monkeypatch.setattr(model, "decode_answer", lambda ids: f"{LOCATION} 4 5 5 9")
+    samples = [as_sample(r) for r in load_testbed_task("grounding", num_scenes=2)][:3]
+    unpruned = model.answer(samples, max_new_tokens=3)
+    def norm_again(module, args, output):  # as DART's prefill runs the final norm on a layer's output
+        model.llm.model.norm(output[0] if isinstance(output, tuple) else output)
+
+    extra_norm = model.llm.model.layers[0].register_forward_hook(norm_again)
+    try:
+        assert model.answer(samples, max_new_tokens=3) == unpruned
+    finally:
+        extra_norm.remove()
+    for config in sweep_configs(default_methods(), [1.0], cfg.num_layers, None):
+        if config.prune is None:
+            continue
+        prune(model.llm, config.prune)
+        try:
+            assert model.answer(samples, max_new_tokens=3) == unpruned, config.key
+        finally:
+            unprune(model.llm)
 
 
 def test_testbed_task_sets_are_big_enough_and_boxed():

@@ -271,8 +271,12 @@ class TestbedModel(nn.Module):
         answers = []
         for start in range(0, len(samples), batch_size):
             inputs = self.build_inputs(samples[start:start + batch_size])
-            states = []  # the final norm's output at each generate step: [B, 1, H] from the first one on
-            hook = self.llm.model.norm.register_forward_hook(lambda module, args, out: states.append(out[:, -1]))
+            # Per generate step (one LLM forward), the final norm's output at the last position, as it was last
+            # computed in that step (a method may call the norm more than once in a prefill: DART does).
+            states = []
+            hooks = [self.llm.register_forward_pre_hook(lambda module, args: states.append(None)),
+                     self.llm.model.norm.register_forward_hook(
+                         lambda module, args, out: states.__setitem__(-1, out[:, -1]))]
             try:
                 with spatial_tokens(self.llm, inputs["spatial_mask"], points=inputs["spatial_points"]):
                     out = self.llm.generate(
@@ -281,7 +285,8 @@ class TestbedModel(nn.Module):
                         pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
                     )
             finally:
-                hook.remove()
+                for hook in hooks:
+                    hook.remove()
             answers += [self._located(self.decode_answer(ids), inputs, b, states)
                         for b, ids in enumerate(out.tolist())]
         return answers
