@@ -35,7 +35,14 @@ from adatoken.testbed.referring import (
 )
 from adatoken.testbed.scenes import scene_for_seed
 from adatoken.testbed.tokenizer import build_tokenizer, vocabulary
-from adatoken.testbed.train import TrainConfig, answer_loss, calib_task_scores, extend_vocabulary, training_batch
+from adatoken.testbed.train import (
+    TrainConfig,
+    answer_loss,
+    calib_task_scores,
+    extend_vocabulary,
+    train,
+    training_batch,
+)
 
 
 def test_a_box_survives_its_words_to_the_nearest_decimetre():
@@ -275,6 +282,20 @@ def test_every_method_keeping_every_token_boxes_as_unpruned(monkeypatch):
             assert model.answer(samples, max_new_tokens=3) == unpruned, config.key
         finally:
             unprune(model.llm)
+
+
+def test_the_locator_trains_saves_and_resumes_with_the_model(tmp_path):
+    cfg = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, position_hidden=16)
+    train_cfg = TrainConfig(out=str(tmp_path), steps=3, batch_size=2, per_type=1, grounding_turns=2, warmup=1,
+                            eval_every=0, checkpoint_every=3, threads=1, model=cfg, grounding_layers=(1, 2))
+    untrained = TestbedModel.create(cfg, seed=train_cfg.seed).locator
+    trained = train(train_cfg, progress=False)
+    assert not torch.allclose(trained.locator.query.weight, untrained.query.weight)  # its loss reached it
+    log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert all(record["grounding"]["locator"] > 0 for record in log)
+    torch.testing.assert_close(load(tmp_path / "model").locator.state_dict(), trained.locator.state_dict())
+    resumed = train(train_cfg, progress=False)  # every step done: the locator comes back from state.pt
+    torch.testing.assert_close(resumed.locator.state_dict(), trained.locator.state_dict())
 
 
 def test_testbed_task_sets_are_big_enough_and_boxed():

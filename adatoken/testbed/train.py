@@ -27,7 +27,14 @@ from adatoken.testbed.grounding import GROUNDING_HEADS, GroundingHeads, groundin
 from adatoken.testbed.locator import Locator
 from adatoken.testbed.model import ModelConfig, TestbedModel, load
 from adatoken.testbed.questions import DESCRIBE, QUESTION_TYPES, Question, describe
-from adatoken.testbed.referring import COORDINATE_WORDS, LOCATION, question_object, task_questions
+from adatoken.testbed.referring import (
+    COORDINATE_WORDS,
+    LOCATION,
+    TASKS_3D,
+    box_from_words,
+    question_object,
+    task_questions,
+)
 from adatoken.testbed.scenes import scene_for_seed
 from adatoken.testbed.spatial import SpatialConfig, SpatialTokens, spatial_tokens_for_seed
 from adatoken.testbed.tokenizer import build_tokenizer, dialogue_ids, system_ids
@@ -173,13 +180,14 @@ def answer_loss(logits: torch.Tensor, labels: torch.Tensor, coordinate_ids: torc
     log_probs = torch.log_softmax(logits[answer], -1)
     targets = labels[answer]
     loss = -log_probs.gather(1, targets[:, None])[:, 0]
-    if sigma > 0:
-        value = (targets[:, None] == coordinate_ids.to(targets.device)).float().argmax(1)
-        coordinate = (targets[:, None] == coordinate_ids.to(targets.device)).any(1)
-        if coordinate.any():
-            steps = torch.arange(len(coordinate_ids), device=targets.device, dtype=torch.float32)
-            soft = torch.softmax(-(steps - value[coordinate, None]) ** 2 / (2 * sigma ** 2), -1)
-            loss[coordinate] = -(soft * log_probs[coordinate][:, coordinate_ids.to(targets.device)]).sum(-1)
+    coordinate_ids = coordinate_ids.to(targets.device)
+    matches = targets[:, None] == coordinate_ids  # [N, 71]: which coordinate word each label is, if any
+    coordinate = matches.any(1)
+    if sigma > 0 and coordinate.any():
+        value = matches[coordinate].float().argmax(1)
+        steps = torch.arange(len(coordinate_ids), device=targets.device, dtype=torch.float32)
+        soft = torch.softmax(-(steps - value[:, None]) ** 2 / (2 * sigma ** 2), -1)
+        loss[coordinate] = -(soft * log_probs[coordinate][:, coordinate_ids]).sum(-1)
     return loss.mean()
 
 
@@ -309,7 +317,6 @@ def calib_task_scores(model: TestbedModel, num_scenes: int = 20) -> dict[str, fl
     """Greedy 3D grounding Acc@0.25 / Acc@0.5 and captioning exact match on the first calib scenes' task questions
     (two per scene each): how far a grounding fine-tune has got, logged beside calib_accuracy."""
     from adatoken.eval.boxes import box_iou
-    from adatoken.testbed.referring import TASKS_3D, box_from_words, question_object
 
     model.eval()
     ious, exact = [], []
@@ -358,7 +365,7 @@ def _train(cfg: TrainConfig, progress: bool) -> TestbedModel:
         starts = grown_layer_starts(source.model_config.num_layers, cfg.model.num_layers) + [cfg.model.num_layers]
         grounding_layers = tuple(starts[h] for h in cfg.grounding_layers)
     heads = GroundingHeads(cfg.model.hidden_size, cfg.model.num_layers, *grounding_layers)  # not in the model
-    if model.locator is None:  # a checkpoint from before the grounding decoder gets a fresh one
+    if model.locator is None and cfg.grounding_turns:  # one from before the grounding decoder gets a fresh one
         torch.manual_seed(cfg.seed)
         model.locator = Locator(cfg.model.hidden_size)
     coordinate_ids = torch.tensor(model.tokenizer.convert_tokens_to_ids(list(COORDINATE_WORDS)))
@@ -381,13 +388,14 @@ def _train(cfg: TrainConfig, progress: bool) -> TestbedModel:
         outputs = model.llm(inputs_embeds=batch["inputs_embeds"],
                             output_hidden_states=cfg.grounding > 0 or len(batch["locator_rows"]) > 0)
         grounding = heads.loss(outputs.hidden_states, batch) if cfg.grounding > 0 else {}
-        if len(batch["locator_rows"]):  # the grounding decoder points at each location word's object
+        loss = answer_loss(outputs.logits, batch["labels"], coordinate_ids, cfg.coordinate_sigma)
+        loss = loss + cfg.grounding * sum(grounding.values())
+        if len(batch["locator_rows"]):  # the grounding decoder's own loss: point at each location word's object
             rows = batch["locator_rows"]
             grounding["locator"] = model.locator.loss(outputs.hidden_states[-1][rows, batch["locator_cols"]],
                                                       batch["inputs_embeds"][rows], batch["spatial_mask"][rows],
                                                       batch["locator_target"])
-        loss = answer_loss(outputs.logits, batch["labels"], coordinate_ids, cfg.coordinate_sigma)
-        loss = loss + cfg.grounding * sum(grounding.values())
+            loss = loss + grounding["locator"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for _, p in parameters], 1.0)
@@ -410,7 +418,8 @@ def _train(cfg: TrainConfig, progress: bool) -> TestbedModel:
             f.write(json.dumps(record) + "\n")
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             _atomic_save({"step": done, "llm": model.llm.state_dict(), "encoder": model.encoder.state_dict(),
-                          "locator": model.locator.state_dict(), "grounding": heads.state_dict(),
+                          **({"locator": model.locator.state_dict()} if model.locator else {}),
+                          "grounding": heads.state_dict(),
                           "optimizer": optimizer.state_dict(), "config": asdict(cfg), "history": history}, state_path)
     model.eval()
     info = {"train": {"steps": cfg.steps, "seed": cfg.seed, "batch_size": cfg.batch_size, "per_type": cfg.per_type,
