@@ -273,10 +273,11 @@ class TestbedModel(nn.Module):
             inputs = self.build_inputs(samples[start:start + batch_size])
             # Per generate step (one LLM forward), the final norm's output at the last position, as it was last
             # computed in that step (a method may call the norm more than once in a prefill: DART does).
-            states = []
-            hooks = [self.llm.register_forward_pre_hook(lambda module, args: states.append(None)),
-                     self.llm.model.norm.register_forward_hook(
-                         lambda module, args, out: states.__setitem__(-1, out[:, -1]))]
+            states, hooks = [], []
+            if self.locator is not None:
+                hooks = [self.llm.register_forward_pre_hook(lambda module, args: states.append(None)),
+                         self.llm.model.norm.register_forward_hook(
+                             lambda module, args, out: states.__setitem__(-1, out[:, -1]))]
             try:
                 with spatial_tokens(self.llm, inputs["spatial_mask"], points=inputs["spatial_points"]):
                     out = self.llm.generate(
