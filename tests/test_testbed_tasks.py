@@ -217,14 +217,15 @@ def test_the_locator_points_at_the_best_tokens_and_boxes_their_extent():
             linear.bias.zero_()
         locator.query.bias[0] = 1.0
         locator.key.weight[0, 0] = 1.0
-    tokens = torch.zeros(5, 4)
+    tokens = torch.zeros(6, 4)
     tokens[[1, 3], 0] = 10.0  # two tokens of the object, equally likely; one a little less (within a quarter)
     tokens[4, 0] = 10.0 - 0.5 * math.sqrt(2)
-    points = torch.tensor([[0.0, 0, 0], [1.0, 2.0, 0], [9.0, 9, 0], [2.0, 1.0, 0], [1.5, 3.0, 0]])
-    assert locator.centre(torch.zeros(4), tokens, points) == pytest.approx((1.5, 2.0))
-    mask = torch.ones(1, 5, dtype=torch.bool)
-    target = torch.zeros(1, 5, dtype=torch.bool)
-    target[0, [1, 3]] = True
+    tokens[5, 0] = 10.0 - 0.1  # as likely, but metres away from them: another object the pointer is unsure of
+    points = torch.tensor([[0.0, 0, 0], [1.0, 2.0, 0], [9.0, 9, 0], [1.3, 2.1, 0], [1.1, 2.4, 0], [4.0, 4.0, 0]])
+    assert locator.centre(torch.zeros(4), tokens, points) == pytest.approx((1.15, 2.2))
+    mask = torch.ones(1, 6, dtype=torch.bool)
+    target = torch.zeros(1, 6, dtype=torch.bool)
+    target[0, [1, 3, 4]] = True
     pointed = locator.loss(torch.zeros(1, 4), tokens[None], mask, target)
     tokens[2, 0] = 20.0  # a token off the object now takes the pointer: the loss says so
     assert locator.loss(torch.zeros(1, 4), tokens[None], mask, target) > pointed + 1.0

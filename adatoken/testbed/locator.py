@@ -13,7 +13,9 @@ The decoder scores each spatial token by a bilinear form of the location word's 
 norm) and the token's input embedding, the encoder's output: like LLaVA-3D's decoder, which reads the 3D features,
 it sees every token whatever pruning inside the LLM dropped, so pruning changes a box only through the hidden state
 that asks for it. Trained with cross-entropy against the object's tokens (train.py), it answers with the middle of
-the x-y extent of the points of the tokens scoring within SELECT_MARGIN of the best.
+the x-y extent of the points of the tokens scoring within SELECT_MARGIN of the best that are joined to the best one
+through such tokens at most LINK apart: an object's tokens are neighbours, so a second, distant object the pointer
+is unsure about does not stretch the box across the room.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import torch
 from torch import nn
 
 SELECT_MARGIN = math.log(4.0)  # tokens with at least a quarter of the best token's probability make the box
+LINK = 0.45  # metres on the floor plane: a little over two 0.2 m voxels, so one missing voxel does not split an object
 
 
 class Locator(nn.Module):
@@ -47,6 +50,15 @@ class Locator(nn.Module):
     def centre(self, state: torch.Tensor, tokens: torch.Tensor, points: torch.Tensor) -> tuple[float, float]:
         """The x-y centre one location state [H] points at, among a scene's spatial tokens [T, H] at `points` [T, 3]."""
         logits = self.scores(state[None], tokens[None], torch.ones(1, len(tokens), dtype=torch.bool))[0]
-        chosen = points[logits >= logits.max() - SELECT_MARGIN]
-        middle = (chosen.min(0).values + chosen.max(0).values) / 2
+        chosen = logits >= logits.max() - SELECT_MARGIN
+        linked = torch.cdist(points[:, :2], points[:, :2]) <= LINK
+        cluster = torch.zeros_like(chosen)
+        cluster[logits.argmax()] = True
+        while True:  # grow from the best token through chosen neighbours
+            grown = cluster | (linked[cluster].any(0) & chosen)
+            if torch.equal(grown, cluster):
+                break
+            cluster = grown
+        box = points[cluster]
+        middle = (box.min(0).values + box.max(0).values) / 2
         return float(middle[0]), float(middle[1])
