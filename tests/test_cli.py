@@ -99,6 +99,10 @@ def test_testbed_cli_refuses_non_positive_counts():
         main(["testbed", "train", "--geometry-per-type", "-1"])
     with pytest.raises(SystemExit, match="--grounding must be >= 0, got -0.5"):
         main(["testbed", "train", "--grounding", "-0.5"])
+    with pytest.raises(SystemExit, match="without --grounding-turns N"):  # it would train nothing it softens
+        main(["testbed", "train", "--coordinate-sigma", "1.0"])
+    with pytest.raises(SystemExit, match="only --grounding-turns N"):
+        main(["testbed", "train", "--locator-layers", "2"])
 
 
 def test_eval_refuses_options_its_dataset_would_ignore(capsys, tmp_path):

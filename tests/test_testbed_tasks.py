@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
 
@@ -210,7 +211,7 @@ def test_calib_task_scores_score_boxes_by_iou_and_captions_by_exact_match(monkey
 
 
 def test_the_locator_points_at_the_best_tokens_and_boxes_their_extent():
-    locator = Locator(hidden_size=4, key_size=2)
+    locator = Locator(hidden_size=4, layers=(1,), key_size=2)
     with torch.no_grad():  # score = the token's first feature (times the state's): a pointer we can predict
         for linear in (locator.query, locator.key):
             linear.weight.zero_()
@@ -234,10 +235,13 @@ def test_the_locator_points_at_the_best_tokens_and_boxes_their_extent():
 def test_a_location_answer_is_boxed_from_the_location_words_hidden_state(monkeypatch, tmp_path):
     cfg = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, position_hidden=16)
     model = TestbedModel.create(cfg, seed=0).eval()
+    torch.manual_seed(0)
+    model.locator = Locator(cfg.hidden_size, layers=(1, 2))  # the first layer's output and the final norm's
     with torch.no_grad():  # a pointer that follows the state closely, so that another state points elsewhere
         model.locator.query.weight.mul_(50.0)
     model.save(tmp_path / "model")
-    loaded = load(tmp_path / "model")  # the locator is saved and loaded with the model
+    loaded = load(tmp_path / "model")  # the locator is saved and loaded with the model, layers and all
+    assert loaded.locator.layers == (1, 2)
     torch.testing.assert_close(loaded.locator.state_dict(), model.locator.state_dict())
     samples = [as_sample(r) for r in load_testbed_task("grounding", num_scenes=1)]
     monkeypatch.setattr(model, "decode_answer", lambda ids: f"{LOCATION} 4 5 5 9")  # whatever was generated
@@ -248,11 +252,11 @@ def test_a_location_answer_is_boxed_from_the_location_words_hidden_state(monkeyp
         first = model.llm(**{k: inputs[k] for k in ("inputs_embeds", "attention_mask")}).logits[:, -1].argmax(-1)
         embeds = torch.cat([inputs["inputs_embeds"], model.llm.get_input_embeddings()(first)[:, None]], 1)
         mask = torch.cat([inputs["attention_mask"], torch.ones(len(samples), 1, dtype=torch.long)], 1)
-        states = model.llm(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+        hidden = model.llm(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=True).hidden_states
     for b, answer in enumerate(answers):
         spatial = inputs["spatial_mask"][b]
-        x, y = model.locator.centre(states[b, -1], inputs["inputs_embeds"][b, spatial],
-                                    inputs["spatial_points"][b, spatial])
+        state = torch.cat([hidden[1][b, -1], hidden[2][b, -1]])
+        x, y = model.locator.centre(state, inputs["inputs_embeds"][b, spatial], inputs["spatial_points"][b, spatial])
         assert answer == f"{round(x * 10)} {round(y * 10)} 4 5 5 9"
     assert load().locator is None  # a checkpoint from before the locator answers as before
 
@@ -262,6 +266,8 @@ def test_every_method_keeping_every_token_boxes_as_unpruned(monkeypatch):
     runs it in the prefill too)."""
     cfg = ModelConfig(hidden_size=32, num_layers=8, num_heads=2, intermediate_size=64, position_hidden=16)
     model = TestbedModel.create(cfg, seed=0).eval()
+    torch.manual_seed(0)
+    model.locator = Locator(cfg.hidden_size, layers=(4, 8))  # a layer that pruning reaches, and the final norm
     with torch.no_grad():  # a pointer that follows the state closely, so that another state points elsewhere
         model.locator.query.weight.mul_(50.0)
     monkeypatch.setattr(model, "decode_answer", lambda ids: f"{LOCATION} 4 5 5 9")
@@ -288,13 +294,21 @@ def test_every_method_keeping_every_token_boxes_as_unpruned(monkeypatch):
 def test_the_locator_trains_saves_and_resumes_with_the_model(tmp_path):
     cfg = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, position_hidden=16)
     train_cfg = TrainConfig(out=str(tmp_path), steps=3, batch_size=2, per_type=1, grounding_turns=2, warmup=1,
-                            eval_every=0, checkpoint_every=3, threads=1, model=cfg, grounding_layers=(1, 2))
-    untrained = TestbedModel.create(cfg, seed=train_cfg.seed).locator
+                            eval_every=0, checkpoint_every=3, threads=1, model=cfg, grounding_layers=(1, 2),
+                            locator_layers=(1, 2))
+    torch.manual_seed(train_cfg.seed)
+    untrained = Locator(cfg.hidden_size, layers=(1, 2))  # the one train() makes: it reads other layers than create's
     trained = train(train_cfg, progress=False)
+    assert trained.locator.layers == (1, 2)
     assert not torch.allclose(trained.locator.query.weight, untrained.query.weight)  # its loss reached it
     log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     assert all(record["grounding"]["locator"] > 0 for record in log)
     torch.testing.assert_close(load(tmp_path / "model").locator.state_dict(), trained.locator.state_dict())
+    first = Locator(cfg.hidden_size, layers=(2,)).state_dict()  # the first decoders: the final norm's state alone,
+    save_file(first, str(tmp_path / "model" / "locator.safetensors"))  # saved with no layers in the metadata
+    assert load(tmp_path / "model").locator.layers == (2,)
+    with pytest.raises(ValueError, match=r"hidden_states indices in 1..2 .* got \[0, 2\]"):
+        train(dataclasses.replace(train_cfg, out=str(tmp_path / "other"), locator_layers=(0, 2)), progress=False)
     resumed = train(train_cfg, progress=False)  # every step done: the locator comes back from state.pt
     torch.testing.assert_close(resumed.locator.state_dict(), trained.locator.state_dict())
 

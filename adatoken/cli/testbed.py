@@ -50,6 +50,9 @@ def register(subparsers) -> None:
                        help="learn each coordinate word of a grounding answer against a Gaussian over its neighbours "
                             "with this standard deviation in words (decimetres) instead of the word alone "
                             "(default: recipe's, 0: one-hot)")
+    train.add_argument("--locator-layers", type=int, nargs="+", default=None, metavar="INDEX",
+                       help="hidden_states indices (1 .. layers; the last is after the final norm) at the location "
+                            "word that the grounding decoder reads (adatoken/testbed/locator.py; default: the last)")
     train.add_argument("--grounding-layers", type=int, nargs=2, default=None, metavar=("WORD", "ANSWER"),
                        help="hidden_states indices the two grounding heads read (default: recipe's, 1 4; a grown "
                             "model moves them with its layers)")
@@ -105,6 +108,9 @@ def _train(args: argparse.Namespace) -> int:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.coordinate_sigma is not None and args.coordinate_sigma < 0:
         raise SystemExit(f"error: --coordinate-sigma must be >= 0, got {args.coordinate_sigma}")
+    if args.coordinate_sigma and not args.grounding_turns:  # soft targets shape only grounding answers' words
+        raise SystemExit("error: --coordinate-sigma softens the coordinate words of grounding answers, and without "
+                         "--grounding-turns N (N > 0) no dialogue has one; add --grounding-turns")
     if args.grounding is not None and args.grounding < 0:
         raise SystemExit(f"error: --grounding must be >= 0, got {args.grounding}")
     overrides = {k: getattr(args, k) for k in ("steps", "batch_size", "per_type", "geometry_per_type", "lr",
@@ -114,6 +120,11 @@ def _train(args: argparse.Namespace) -> int:
                  if getattr(args, k) is not None}
     if args.grounding_layers is not None:
         overrides["grounding_layers"] = tuple(args.grounding_layers)
+    if args.locator_layers is not None:
+        if not args.grounding_turns:
+            raise SystemExit("error: --locator-layers sets up the grounding decoder, which only --grounding-turns N "
+                             "(N > 0) trains; add --grounding-turns")
+        overrides["locator_layers"] = tuple(args.locator_layers)
     if args.finetune_from is not None:  # the checkpoint's own settings: fine-tuning changes weights only
         from adatoken.testbed.model import load_settings
 

@@ -9,10 +9,14 @@ words, which the model reads off an object's class well. Where the object is on 
 model reads off its tokens only to about 0.3 m in words, while a box needs about 0.1 m (benchmarks/
 grounding_ceiling.py); pointing takes the position from the tokens themselves.
 
-The decoder scores each spatial token by a bilinear form of the location word's last hidden state (after the final
-norm) and the token's input embedding, the encoder's output: like LLaVA-3D's decoder, which reads the 3D features,
-it sees every token whatever pruning inside the LLM dropped, so pruning changes a box only through the hidden state
-that asks for it. Trained with cross-entropy against the object's tokens (train.py), it answers with the middle of
+The decoder scores each spatial token by a bilinear form of the location word's hidden states at a few layers
+(`layers`, hidden_states indices: i is the output of layer i, the last one is after the final norm) and the token's
+input embedding, the encoder's output: like LLaVA-3D's decoder, which reads the 3D features, it sees every token
+whatever pruning inside the LLM dropped, so pruning changes a box only through the hidden states that ask for it.
+Why more than the last state: at the testbed's width the last one carries the object's class but little of what
+tells same-class objects apart (on the 32-layer testbed a linear probe reads the colour a grounding question names
+off it for 38 % of test expressions, off layer 20's for 60 %), and which of two chairs is meant is most of what
+grounding gets wrong. Trained with cross-entropy against the object's tokens (train.py), it answers with the middle of
 the x-y extent of the points of the tokens scoring within SELECT_MARGIN of the best that are joined to the best one
 through such tokens at most LINK apart: an object's tokens are neighbours, so a second, distant object the pointer
 is unsure about does not stretch the box across the room.
@@ -20,6 +24,7 @@ is unsure about does not stretch the box across the room.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -29,14 +34,19 @@ LINK = 0.45  # metres on the floor plane: a little over two 0.2 m voxels, so one
 
 
 class Locator(nn.Module):
-    def __init__(self, hidden_size: int, key_size: int = 64):
+    def __init__(self, hidden_size: int, layers: Sequence[int], key_size: int = 64):
         super().__init__()
-        self.query = nn.Linear(hidden_size, key_size)
+        self.layers = tuple(layers)
+        self.query = nn.Linear(hidden_size * len(self.layers), key_size)
         self.key = nn.Linear(hidden_size, key_size)
+
+    def read(self, hidden_states: Sequence[torch.Tensor], rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """The location states [Q, len(layers) * H] at (`rows`, `cols`) of a forward's `hidden_states`."""
+        return torch.cat([hidden_states[layer][rows, cols] for layer in self.layers], -1)
 
     def scores(self, state: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Logits [Q, T] of `tokens` [Q, T, H] (input embeddings; `mask` [Q, T] marks the spatial ones) for the
-        location states [Q, H]; -inf off the mask."""
+        location states [Q, len(layers) * H] (`read`); -inf off the mask."""
         logits = torch.einsum("qk,qtk->qt", self.query(state), self.key(tokens)) / math.sqrt(self.query.out_features)
         return logits.masked_fill(~mask, float("-inf"))
 
@@ -48,7 +58,8 @@ class Locator(nn.Module):
 
     @torch.no_grad()
     def centre(self, state: torch.Tensor, tokens: torch.Tensor, points: torch.Tensor) -> tuple[float, float]:
-        """The x-y centre one location state [H] points at, among a scene's spatial tokens [T, H] at `points` [T, 3]."""
+        """The x-y centre one location state [len(layers) * H] points at, among a scene's spatial tokens [T, H] at
+        `points` [T, 3]."""
         logits = self.scores(state[None], tokens[None], torch.ones(1, len(tokens), dtype=torch.bool))[0]
         chosen = logits >= logits.max() - SELECT_MARGIN
         linked = torch.cdist(points[:, :2], points[:, :2]) <= LINK

@@ -20,6 +20,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -192,7 +193,8 @@ class TestbedModel(nn.Module):
                                  model_config.position_frequencies)
         if model_config.aligned_projector:
             align_projector(encoder, llm, tokenizer, spatial_config)
-        return cls(llm, encoder, tokenizer, model_config, spatial_config, Locator(model_config.hidden_size))
+        locator = Locator(model_config.hidden_size, layers=(model_config.num_layers,))
+        return cls(llm, encoder, tokenizer, model_config, spatial_config, locator)
 
     def spatial_tokens(self, sample) -> SpatialTokens:
         return spatial_tokens_for_seed(sample.scene_seed, self.spatial_config)
@@ -271,13 +273,9 @@ class TestbedModel(nn.Module):
         answers = []
         for start in range(0, len(samples), batch_size):
             inputs = self.build_inputs(samples[start:start + batch_size])
-            # Per generate step (one LLM forward), the final norm's output at the last position, as it was last
-            # computed in that step (a method may call the norm more than once in a prefill: DART does).
             states, hooks = [], []
             if self.locator is not None:
-                hooks = [self.llm.register_forward_pre_hook(lambda module, args: states.append(None)),
-                         self.llm.model.norm.register_forward_hook(
-                             lambda module, args, out: states.__setitem__(-1, out[:, -1]))]
+                hooks = self._location_hooks(states)
             try:
                 with spatial_tokens(self.llm, inputs["spatial_mask"], points=inputs["spatial_points"]):
                     out = self.llm.generate(
@@ -292,16 +290,34 @@ class TestbedModel(nn.Module):
                         for b, ids in enumerate(out.tolist())]
         return answers
 
-    def _located(self, answer: str, inputs: dict[str, torch.Tensor], b: int, states: list[torch.Tensor]) -> str:
+    def _location_hooks(self, states: list[dict[int, torch.Tensor]]) -> list:
+        """Hooks that append, per generate step (one LLM forward), the last position's hidden states at the locator's
+        layers ({hidden_states index: [B, H]}), each as it was last computed in that step (a method may run a module
+        more than once in a prefill: DART runs the final norm again)."""
+        def keep(layer):
+            def hook(module, args, out):
+                states[-1][layer] = (out[0] if isinstance(out, tuple) else out)[:, -1]
+            return hook
+
+        hooks = [self.llm.register_forward_pre_hook(lambda module, args: states.append({}))]
+        for layer in self.locator.layers:
+            # hidden_states[i] is layer i's output (i - 1 in model.layers), the last one the final norm's
+            module = self.llm.model.norm if layer == self.model_config.num_layers else self.llm.model.layers[layer - 1]
+            hooks.append(module.register_forward_hook(keep(layer)))
+        return hooks
+
+    def _located(self, answer: str, inputs: dict[str, torch.Tensor], b: int,
+                 states: list[dict[int, torch.Tensor]]) -> str:
         """A location answer "loc cz dx dy dz" as the six coordinate words "cx cy cz dx dy dz", its x-y centre where
-        the locator points with the location word's hidden state (the second generate step's, whose input is that
+        the locator points with the location word's hidden states (the second generate step's, whose input is that
         word); any other answer as it is."""
         words = answer.split()
         if self.locator is None or len(words) != 5 or words[0] != LOCATION or len(states) < 2:
             return answer
         spatial = inputs["spatial_mask"][b]
         tokens, points = inputs["inputs_embeds"][b, spatial], inputs["spatial_points"][b, spatial]
-        x, y = self.locator.centre(states[1][b], tokens, points)
+        state = torch.cat([states[1][layer][b] for layer in self.locator.layers])
+        x, y = self.locator.centre(state, tokens, points)
         return " ".join([coordinates([x, y]), *words[1:]])
 
     def decode_answer(self, ids: list[int]) -> str:
@@ -324,7 +340,8 @@ class TestbedModel(nn.Module):
         save_file({k: v.contiguous() for k, v in self.encoder.state_dict().items()}, str(tmp / "encoder.safetensors"))
         if self.locator is not None:
             weights = {k: v.contiguous() for k, v in self.locator.state_dict().items()}
-            save_file(weights, str(tmp / "locator.safetensors"))
+            save_file(weights, str(tmp / "locator.safetensors"),
+                      metadata={"layers": " ".join(map(str, self.locator.layers))})
         self.tokenizer.backend_tokenizer.save(str(tmp / "tokenizer.json"))
         meta = {"model": asdict(self.model_config), "spatial": self.spatial_config.to_dict(), **(extra or {})}
         (tmp / "testbed.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -358,7 +375,9 @@ def load(path: str | os.PathLike | None = None) -> TestbedModel:
     encoder.load_state_dict(weights)
     locator = None
     if (path / "locator.safetensors").is_file():
-        locator = Locator(model_config.hidden_size)
+        with safe_open(str(path / "locator.safetensors"), "pt") as f:  # the first ones read the final norm only
+            layers = [int(i) for i in (f.metadata() or {}).get("layers", str(model_config.num_layers)).split()]
+        locator = Locator(model_config.hidden_size, layers)
         locator.load_state_dict(load_file(str(path / "locator.safetensors")))
     model = TestbedModel(llm, encoder, load_tokenizer(str(path / "tokenizer.json")), model_config, spatial_config,
                          locator)

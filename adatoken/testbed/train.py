@@ -73,6 +73,9 @@ class TrainConfig:
     # standard deviation, in words (decimetres), instead of the one word: "31" for a true "32" is then nearly
     # right, not as wrong as "70", which is what the centre of a box needs to be learned to a decimetre. 0: one-hot.
     coordinate_sigma: float = 0.0
+    # The hidden_states indices the grounding decoder's query reads at the location word (locator.py); empty: the
+    # final norm's output alone, as the first decoder did. A model whose decoder reads other layers gets a fresh one.
+    locator_layers: tuple[int, ...] = ()
     # Weight of the auxiliary 3D grounding losses (grounding.py; 0: none) and the hidden_states index each head
     # reads: object words after the first layer (where colour is fetched), answers after the fourth.
     grounding: float = 1.0
@@ -365,9 +368,13 @@ def _train(cfg: TrainConfig, progress: bool) -> TestbedModel:
         starts = grown_layer_starts(source.model_config.num_layers, cfg.model.num_layers) + [cfg.model.num_layers]
         grounding_layers = tuple(starts[h] for h in cfg.grounding_layers)
     heads = GroundingHeads(cfg.model.hidden_size, cfg.model.num_layers, *grounding_layers)  # not in the model
-    if model.locator is None and cfg.grounding_turns:  # one from before the grounding decoder gets a fresh one
-        torch.manual_seed(cfg.seed)
-        model.locator = Locator(cfg.model.hidden_size)
+    locator_layers = cfg.locator_layers or (cfg.model.num_layers,)
+    if not all(1 <= layer <= cfg.model.num_layers for layer in locator_layers):
+        raise ValueError(f"locator_layers must be hidden_states indices in 1..{cfg.model.num_layers} (the model's "
+                         f"depth; 0 would be the input embeddings), got {list(locator_layers)}")
+    if cfg.grounding_turns and (model.locator is None or model.locator.layers != locator_layers):
+        torch.manual_seed(cfg.seed)  # a model from before the grounding decoder, or one reading other layers
+        model.locator = Locator(cfg.model.hidden_size, locator_layers)
     coordinate_ids = torch.tensor(model.tokenizer.convert_tokens_to_ids(list(COORDINATE_WORDS)))
     parameters = [*model.named_parameters(), *heads.named_parameters()]
     decay = [p for n, p in parameters if p.dim() >= 2 and "embed" not in n]
@@ -392,7 +399,8 @@ def _train(cfg: TrainConfig, progress: bool) -> TestbedModel:
         loss = loss + cfg.grounding * sum(grounding.values())
         if len(batch["locator_rows"]):  # the grounding decoder's own loss: point at each location word's object
             rows = batch["locator_rows"]
-            grounding["locator"] = model.locator.loss(outputs.hidden_states[-1][rows, batch["locator_cols"]],
+            grounding["locator"] = model.locator.loss(model.locator.read(outputs.hidden_states, rows,
+                                                                         batch["locator_cols"]),
                                                       batch["inputs_embeds"][rows], batch["spatial_mask"][rows],
                                                       batch["locator_target"])
             loss = loss + grounding["locator"]
