@@ -309,7 +309,9 @@ def test_the_locator_trains_saves_and_resumes_with_the_model(tmp_path):
     assert load(tmp_path / "model").locator.layers == (2,)
     with pytest.raises(ValueError, match=r"hidden_states indices in 1..2 .* got \[0, 2\]"):
         train(dataclasses.replace(train_cfg, out=str(tmp_path / "other"), locator_layers=(0, 2)), progress=False)
+    info = json.loads((tmp_path / "model" / "testbed.json").read_text())["train"]
     resumed = train(train_cfg, progress=False)  # every step done: the locator comes back from state.pt
+    assert json.loads((tmp_path / "model" / "testbed.json").read_text())["train"] == info  # its loss too
     torch.testing.assert_close(resumed.locator.state_dict(), trained.locator.state_dict())
 
 

@@ -385,6 +385,8 @@ def _train(cfg: TrainConfig, progress: bool) -> TestbedModel:
     start, history = _resume(model, heads, optimizer, cfg, state_path)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="testbed train", disable=not progress)
     smoothed, started = None, time.time()
+    for value in history:  # the running loss goes on across a resume, and a run resumed when done still reports it
+        smoothed = value if smoothed is None else 0.95 * smoothed + 0.05 * value
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(cfg, step)
