@@ -14,12 +14,14 @@ The decoder scores each spatial token by a bilinear form of the location word's 
 input embedding, the encoder's output: like LLaVA-3D's decoder, which reads the 3D features, it sees every token
 whatever pruning inside the LLM dropped, so pruning changes a box only through the hidden states that ask for it.
 Why more than the last state: at the testbed's width the last one carries the object's class but little of what
-tells same-class objects apart (on the 32-layer testbed a linear probe reads the colour a grounding question names
-off it for 38 % of test expressions, off layer 20's for 60 %), and which of two chairs is meant is most of what
-grounding gets wrong. Trained with cross-entropy against the object's tokens (train.py), it answers with the middle of
-the x-y extent of the points of the tokens scoring within SELECT_MARGIN of the best that are joined to the best one
-through such tokens at most LINK apart: an object's tokens are neighbours, so a second, distant object the pointer
-is unsure about does not stretch the box across the room.
+tells same-class objects apart (on the 32-layer testbed, a linear probe reads the colour a grounding question names
+off layer 20's state far better than off the last), and which of two chairs is meant was most of what grounding got
+wrong while the decoder read the last state alone (README, the testbed's fine-tunes).
+
+Trained with cross-entropy against the object's tokens (train.py), it answers with the middle of the x-y extent of
+the points of the tokens scoring within SELECT_MARGIN of the best that are joined to the best one through such
+tokens at most LINK apart: an object's tokens are neighbours, so a second, distant object the pointer is unsure
+about does not stretch the box across the room.
 """
 from __future__ import annotations
 
