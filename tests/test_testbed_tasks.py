@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -25,6 +26,7 @@ from adatoken.testbed.model import SHIPPED_CHECKPOINT as SHIPPED
 from adatoken.testbed.model import ModelConfig, TestbedModel, load
 from adatoken.testbed.questions import point_box_distance
 from adatoken.testbed.referring import (
+    CLICK,
     COORDINATE_WORDS,
     LOCATION,
     RELATION_MARGIN,
@@ -258,7 +260,7 @@ def test_a_location_answer_is_boxed_from_the_location_words_hidden_state(monkeyp
         state = torch.cat([hidden[1][b, -1], hidden[2][b, -1]])
         x, y = model.locator.centre(state, inputs["inputs_embeds"][b, spatial], inputs["spatial_points"][b, spatial])
         assert answer == f"{round(x * 10)} {round(y * 10)} 4 5 5 9"
-    assert load().locator is None  # a checkpoint from before the locator answers as before
+    assert load(SHIPPED).locator.layers == (20, 32)  # the shipped checkpoint grounds, reading layers 20 and 32
 
 
 def test_every_method_keeping_every_token_boxes_as_unpruned(monkeypatch):
@@ -363,15 +365,22 @@ def test_eval_runs_the_testbed_grounding_set(tmp_path, capsys):
     out = tmp_path / "eval"
     args = ["eval", "--dataset", "testbed-grounding", "--methods", "none", "fastv", "--retentions", "0.4",
             "--limit", "4", "--batch-size", "4", "--max-new-tokens", "7", "--out", str(out), "--no-progress"]
-    # a checkpoint trained before the tasks existed (the QA vocabulary only) is refused, not scored 0 in silence
-    assert main([*args, "--checkpoint", str(SHIPPED)]) == 2
-    assert "was not trained on grounding" in capsys.readouterr().err
     cfg = ModelConfig(hidden_size=32, num_layers=8, num_heads=2, intermediate_size=64, position_hidden=16)
     TestbedModel.create(cfg, seed=0).save(tmp_path / "untrained")  # the task vocabulary, random weights
+    # a checkpoint trained before the tasks existed (the QA vocabulary only) is refused, not scored 0 in silence
+    shutil.copytree(tmp_path / "untrained", tmp_path / "qa-only")
+    tokenizer = json.loads((tmp_path / "qa-only" / "tokenizer.json").read_text())
+    del tokenizer["model"]["vocab"][CLICK]
+    (tmp_path / "qa-only" / "tokenizer.json").write_text(json.dumps(tokenizer))
+    assert main([*args, "--checkpoint", str(tmp_path / "qa-only")]) == 2
+    assert "was not trained on grounding" in capsys.readouterr().err
     assert main([*args, "--checkpoint", str(tmp_path / "untrained"), "--fresh"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert [row["skipped"] for row in report["rows"]] == [None, None]
     assert all(set(row["grounding"]) >= {"acc@0.25", "acc@0.5"} for row in report["rows"])
-    assert "## 3D grounding (n=4)" in (out / "report.md").read_text()
+    markdown = (out / "report.md").read_text()
+    assert "## 3D grounding (n=4)" in markdown
+    # boxes never equal the reference text: the main table shows Acc@0.5, not a column of EM 0
+    assert "| grounding Acc@0.5 % |" in markdown and "EM %" not in markdown and "EM by question type" not in markdown
     predictions = [json.loads(line) for line in (out / "predictions" / "rank0.jsonl").open()]
     assert len(predictions) == 8 and all(len(p["box"]) == 6 and p["subset"] for p in predictions)

@@ -274,17 +274,29 @@ def _flops_unit(rows: list[ReportRow]) -> tuple[str, float]:
     return ("TFLOPs", 1e12) if largest >= 1e12 else ("GFLOPs", 1e9)
 
 
+def _tasks_only(rows: Sequence[ReportRow]) -> bool:
+    """Whether every scored question is a grounding or captioning one: their answers are boxes and captions, which
+    exact match scores 0 everywhere, so the main table shows the task's headline score instead."""
+    ran = [r for r in rows if r.skipped is None]
+    return bool(ran) and all(r.grounding or r.captioning for r in ran) and all(
+        set(r.em_by_type) <= {"grounding", "captioning"} for r in ran)
+
+
 def to_markdown(rows: list[ReportRow], context: dict) -> str:
     unit, scale = _flops_unit(rows)
     ngram_names = [n for n in NGRAM_SHOWN if any(n in r.ngram for r in rows)]
     vqa = any(r.vqa_acc is not None for r in rows)
+    tasks_only = _tasks_only(rows)
+    headline = _headline_name(rows)
+    scored = [headline if headline.startswith("CIDEr") else f"{headline} %"] if tasks_only else ["EM %", "refined EM %"]
     lines = [f"# Pruning sweep: {context.get('model', '?')} on {context.get('dataset', '?')}", ""]
     for name, value in context.items():
         lines.append(f"- {name}: `{value}`" if name == "command" else f"- {name}: {value}")
     lines += [
         "",
         *([VQA_NOTE, ""] if vqa else []),
-        "EM and refined EM in %, with 95 % Wilson score intervals in brackets. "
+        (f"{headline}: the task table's headline score (below), with its 95 % interval in brackets. "
+         if tasks_only else "EM and refined EM in %, with 95 % Wilson score intervals in brackets. ") +
         f"{unit}: analytic prefill FLOPs per sample at the tokens that entered each layer; "
         "'vs none' is that divided by the unpruned model's. Retention: requested, and measured "
         "(mean over samples and layers of the fraction of spatial tokens entering the layer); final: the "
@@ -295,7 +307,7 @@ def to_markdown(rows: list[ReportRow], context: dict) -> str:
         "(noisy on a shared CPU; compare within one run only). Time: total generation time of the config.",
         "",
     ]
-    head = ["method", "retention", "measured", "final", *(["VQA acc %"] if vqa else []), "EM %", "refined EM %",
+    head = ["method", "retention", "measured", "final", *(["VQA acc %"] if vqa else []), *scored,
             *(NGRAM_SHOWN[n] for n in ngram_names), unit, "vs none", "prefill ms", "time s"]
     lines += [_table_row(head), _table_row(["---"] * len(head))]
     skipped = []
@@ -306,7 +318,8 @@ def to_markdown(rows: list[ReportRow], context: dict) -> str:
             cells = [row.method, retention, f"skipped ({len(skipped)})"] + [""] * (len(head) - 3)
         else:
             cells = [row.method, retention, _num(row.measured_retention, ".3f"), _num(row.final_keep, ".3f"),
-                     *([_pct(row.vqa_acc)] if vqa else []), _pct(row.em), _pct(row.refined_em),
+                     *([_pct(row.vqa_acc)] if vqa else []),
+                     *([_pct(_headline(row))] if tasks_only else [_pct(row.em), _pct(row.refined_em)]),
                      *(_num(row.ngram.get(n), ".3f") for n in ngram_names),
                      _num(row.prefill_flops / scale, ".3f"), _num(row.flops_ratio, ".2f"),
                      _num(row.prefill_ms, ".1f"), _num(row.answer_s, ".1f")]
@@ -315,7 +328,7 @@ def to_markdown(rows: list[ReportRow], context: dict) -> str:
     if vqa:  # VQA reports break VQA accuracy down by answer type (report.json keeps EM by type too)
         lines += _by_type_table(rows, "vqa_by_type", "VQA accuracy by answer type (%, 95 % Wilson interval at the "
                                                      "mean score)")
-    else:
+    elif not tasks_only:
         lines += _by_type_table(rows, "em_by_type", "EM by question type (%, 95 % Wilson interval)")
     lines += task_tables(rows)
     reasons = {f"{NGRAM_SHOWN[n]}: {why}" for r in rows for n, why in r.ngram_unavailable.items()}
