@@ -10,6 +10,7 @@ from adatoken.eval.datasets import QARecord
 from adatoken.eval.metrics import (
     NGRAM_METRICS,
     SQA3D_TYPES,
+    _meteor_scorer,
     answer_match,
     breakdown,
     clean_answer,
@@ -139,6 +140,11 @@ def test_meteor_runs_the_real_jar():
     assert "meteor" not in result["unavailable"]
     assert result["meteor"] == pytest.approx(METEOR_CORPUS, abs=1e-9)
     assert [s["meteor"] for s in result["samples"]] == pytest.approx(METEOR_EACH, abs=1e-9)
+    # one JVM serves every corpus a process scores (a report scores one per configuration), each on its own
+    started = _meteor_scorer()
+    assert score(PREDICTIONS[:2], REFERENCES[:2], style="leo")["meteor"] != pytest.approx(METEOR_CORPUS)
+    again = score(PREDICTIONS, REFERENCES, style="leo")
+    assert _meteor_scorer() is started and again["meteor"] == pytest.approx(METEOR_CORPUS, abs=1e-9)
 
 
 def test_without_java_meteor_and_ptb_are_unavailable_not_zero(monkeypatch, tmp_path):

@@ -15,6 +15,7 @@ docs/metrics.md describes every rule here and where the two reference evaluators
 """
 from __future__ import annotations
 
+import functools
 import re
 import shutil
 from collections.abc import Mapping, Sequence
@@ -278,6 +279,23 @@ def _ptb_tokenize(res: dict[int, list[str]], gts: dict[int, list[str]], ptb_toke
     return ({k: tokenized[("res", k)] for k in res}, {k: tokenized[("gts", k)] for k in gts})
 
 
+@functools.lru_cache(maxsize=1)
+def _meteor_scorer():
+    """One METEOR JVM per process, reused: each start loads its paraphrase tables (10-20 s on a busy 2-core
+    machine), and a report scores one corpus per configuration. The jar answers each EVAL line on its own."""
+    return require_pycocoevalcap().Meteor()
+
+
+def _drop_meteor_scorer() -> None:
+    """Forget a METEOR JVM that failed; its wrapper holds its lock when a request dies half-way, and would wait
+    on it forever when collected."""
+    if _meteor_scorer.cache_info().currsize:
+        scorer = _meteor_scorer()
+        if scorer.lock.locked():
+            scorer.lock.release()
+        _meteor_scorer.cache_clear()
+
+
 # METEOR's jar reads one request per line, and Java also ends a line at "\r" and other breaks.
 _LINE_BREAKS = re.compile(r"[^\S ]")
 
@@ -326,8 +344,9 @@ def ngram_scores(predictions: Sequence[str], references: Sequence[Sequence[str]]
         unavailable["meteor"] = reason
     else:
         try:
-            value, each = coco.Meteor().compute_score(gts, res)
+            value, each = _meteor_scorer().compute_score(gts, res)
         except (OSError, ValueError) as exc:  # the JVM failed to start or died mid-way
+            _drop_meteor_scorer()
             unavailable["meteor"] = f"meteor-1.5.jar failed: {exc!r}"
         else:
             corpus["meteor"], per_sample["meteor"] = float(value), [float(s) for s in each]
