@@ -437,7 +437,7 @@ def plot_accuracy_vs_flops(rows: list[ReportRow], path: str | Path, title: str) 
     ax.set_xlabel("prefill FLOPs relative to unpruned" if relative else f"prefill {unit} per sample")
     name = _headline_name(rows)
     ax.set_ylabel(f"{name}, 95 % normal interval" if name.startswith("CIDEr") else f"{name} (%), 95 % Wilson interval")
-    ax.set_title(title, fontsize=10)
+    ax.set_title(title, fontsize=10, wrap=True)  # long dataset names would run off the figure
     ax.grid(True, alpha=0.3)
     ax.margins(x=0.08, y=0.12)  # room for the retention labels above the points
     if ran:
